@@ -1,0 +1,249 @@
+//! JSON bodies of the HTTP API (documented with examples in `docs/api.md`).
+//!
+//! Requests refuse unknown fields, so a typo in a client is an error and not
+//! a silently ignored setting.
+
+use crate::tpm::{HashAlg, PcrSelection, MAX_PCR};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// PCR indices per bank, e.g. `{"sha256": [0, 1, 2]}`.
+pub type PcrSelectionMap = BTreeMap<HashAlg, Vec<u8>>;
+/// PCR values per bank and index, as hex, e.g. `{"sha256": {"0": "00…"}}`.
+pub type PcrValues = BTreeMap<HashAlg, BTreeMap<u8, String>>;
+/// Acceptable PCR values per bank and index: any listed value passes.
+pub type PcrWhitelist = BTreeMap<HashAlg, BTreeMap<u8, Vec<String>>>;
+
+/// Convert the JSON selection into the TPM structure (banks in name order).
+pub fn selection_from_map(map: &PcrSelectionMap) -> PcrSelection {
+    PcrSelection {
+        banks: map
+            .iter()
+            .map(|(alg, pcrs)| {
+                (
+                    *alg,
+                    pcrs.iter()
+                        .copied()
+                        .filter(|p| *p <= MAX_PCR)
+                        .collect::<BTreeSet<u8>>(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Convert a TPM selection into its JSON form.
+pub fn selection_to_map(sel: &PcrSelection) -> PcrSelectionMap {
+    sel.banks
+        .iter()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(alg, pcrs)| (*alg, pcrs.iter().copied().collect()))
+        .collect()
+}
+
+/// `POST /v1/agents/{host}/enroll`: register the host's attestation key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// base64 of the AK's marshalled TPM2B_PUBLIC (`tpm2_createak -u`).
+    pub ak_public: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    pub host: String,
+    /// hex of the AK's TPM name (nameAlg followed by the digest of its public area).
+    pub ak_name: String,
+    /// false when the same AK was already enrolled for this host.
+    pub created: bool,
+}
+
+/// `POST /v1/agents/{host}/challenge` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Challenge {
+    /// hex, at least 16 bytes; must come back as the quote's qualifying data.
+    pub nonce: String,
+    pub pcr_selection: PcrSelectionMap,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `POST /v1/agents/{host}/evidence` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Evidence {
+    /// The challenge's nonce, hex.
+    pub nonce: String,
+    /// base64 of the marshalled TPMS_ATTEST (`tpm2_quote -m`).
+    pub attest: String,
+    /// base64 of the marshalled TPMT_SIGNATURE (`tpm2_quote -s`).
+    pub signature: String,
+    /// The quoted PCR values.
+    pub pcrs: PcrValues,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Trust {
+    Trusted,
+    Untrusted,
+    Unknown,
+}
+
+impl Trust {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trust::Trusted => "trusted",
+            Trust::Untrusted => "untrusted",
+            Trust::Unknown => "unknown",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "trusted" => Some(Trust::Trusted),
+            "untrusted" => Some(Trust::Untrusted),
+            "unknown" => Some(Trust::Unknown),
+            _ => None,
+        }
+    }
+}
+
+/// Why a verdict is what it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    /// The verification step that decided (`decode`, `signature`, `nonce`,
+    /// `pcr_selection`, `pcr_digest`, `whitelist`, `freshness`).
+    pub step: String,
+    /// Stable machine-readable code, e.g. `pcr_not_whitelisted`.
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcr: Option<PcrFault>,
+}
+
+/// A PCR whose value is not among the acceptable ones.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PcrFault {
+    pub index: u8,
+    pub bank: HashAlg,
+    pub expected: Vec<String>,
+    pub actual: Option<String>,
+}
+
+/// A host's trust verdict: the answer of `/evidence`, `/trust` and `/trust/query`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostTrust {
+    pub host: String,
+    pub trust: Trust,
+    pub verified_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub reasons: Vec<Reason>,
+}
+
+impl HostTrust {
+    pub fn unknown(host: &str, reason: Reason) -> Self {
+        Self {
+            host: host.to_string(),
+            trust: Trust::Unknown,
+            verified_at: None,
+            expires_at: None,
+            reasons: vec![reason],
+        }
+    }
+}
+
+/// `POST /v1/trust/query`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustQuery {
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustQueryResponse {
+    pub hosts: Vec<HostTrust>,
+}
+
+/// `PUT /v1/hosts/{host}/whitelist` body and `GET` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Whitelist {
+    pub pcrs: PcrWhitelist,
+}
+
+/// `GET /v1/hosts/{host}`: everything the server knows about one host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostDetail {
+    pub host: String,
+    pub registered_at: DateTime<Utc>,
+    pub ak_name: Option<String>,
+    pub whitelist: Option<Whitelist>,
+    /// The PCR values of the last evidence that passed the integrity steps.
+    pub last_pcrs: Option<PcrValues>,
+    pub verdict: HostTrust,
+}
+
+/// `POST /v1/hosts` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHost {
+    pub host: String,
+}
+
+/// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// Host names as they appear in certificates and URLs: DNS-label characters
+/// only, so a name can never smuggle a path or a SQL fragment.
+pub fn valid_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !name.starts_with(['-', '.'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evidence_refuses_unknown_fields() {
+        let ok = r#"{"nonce":"00","attest":"","signature":"","pcrs":{"sha256":{"0":"00"}}}"#;
+        let ev: Evidence = serde_json::from_str(ok).unwrap();
+        assert_eq!(ev.pcrs[&HashAlg::Sha256][&0], "00");
+        let extra = r#"{"nonce":"00","attest":"","signature":"","pcrs":{},"trusted":true}"#;
+        assert!(serde_json::from_str::<Evidence>(extra).is_err());
+        let bad_bank = r#"{"nonce":"00","attest":"","signature":"","pcrs":{"md5":{}}}"#;
+        assert!(serde_json::from_str::<Evidence>(bad_bank).is_err());
+    }
+
+    #[test]
+    fn host_names_are_restricted() {
+        assert!(valid_host_name("node-1.example.org"));
+        assert!(!valid_host_name(""));
+        assert!(!valid_host_name("../etc"));
+        assert!(!valid_host_name("a b"));
+        assert!(!valid_host_name("x'; drop"));
+    }
+}
