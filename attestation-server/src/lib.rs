@@ -1,1 +1,203 @@
+//! The attestation server: verifies TPM quotes from host agents over mutual
+//! TLS, stores trust verdicts, emits every attestation as a CADF event, and
+//! answers schedulers which hosts are trusted.
+//!
+//! Tests start it in-process with [`serve`] on a listener bound to port 0.
+#![forbid(unsafe_code)]
 
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod ctl;
+pub mod error;
+pub mod pki;
+pub mod store;
+pub mod tls;
+pub mod verify;
+
+use crate::config::ServerConfig;
+use crate::error::Error;
+use crate::store::Store;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+/// Shared state of the request handlers.
+pub struct AppState {
+    pub config: ServerConfig,
+    pub store: Arc<dyn Store>,
+    /// Wakes the audit deliverer after an event was committed.
+    pub audit_wake: Arc<Notify>,
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl AppState {
+    /// Open the database (running migrations) and load the TLS identity.
+    pub async fn new(config: ServerConfig) -> Result<Arc<Self>, Error> {
+        let tls = Arc::new(tls::server_config(&config.tls)?);
+        let store = store::open(&config.database_url.0).await?;
+        Ok(Arc::new(Self {
+            config,
+            store,
+            audit_wake: Arc::new(Notify::new()),
+            tls,
+        }))
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serve the API on `listener` until `shutdown` resolves, then finish the
+/// requests in flight. Also runs the background tasks (audit delivery,
+/// expired-challenge pruning) for as long as it serves.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = JoinSet::new();
+    if let Some(path) = state.config.audit_file.clone() {
+        let deliverer = audit::FileDeliverer {
+            store: state.store.clone(),
+            path,
+            wake: state.audit_wake.clone(),
+        };
+        background.spawn(deliverer.run(stopped(stop_rx.clone())));
+    }
+    background.spawn(prune_challenges(state.clone(), stopped(stop_rx.clone())));
+
+    let app = api::router(state.clone());
+    let acceptor = TlsAcceptor::from(state.tls.clone());
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, _addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause, don't spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                connections.spawn(serve_connection(tcp, acceptor.clone(), app.clone(), stop_rx.clone()));
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let drain = async {
+        while connections.join_next().await.is_some() {}
+        while background.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    app: axum::Router,
+    stop: watch::Receiver<bool>,
+) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => return,
+    };
+    let peer: tls::Peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(tls::identity);
+    let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        req
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = &mut conn => {}
+        _ = stopped(stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn prune_challenges(state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        // Keep expired nonces a while so a late replay is named a replay.
+        let before = chrono::Utc::now() - chrono::Duration::hours(1);
+        if let Err(e) = state.store.prune_challenges(before).await {
+            tracing::warn!(error = %e, "pruning expired challenges failed");
+        }
+    }
+}
+
+/// Load the configuration, open the database and serve until SIGTERM/Ctrl-C.
+pub async fn run(config: ServerConfig) -> Result<(), Error> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Io {
+            path: config.listen.to_string(),
+            source,
+        })?;
+    let state = AppState::new(config).await?;
+    tracing::info!(listen = %state.config.listen, "attestation server ready");
+    serve(listener, state, shutdown_signal()).await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

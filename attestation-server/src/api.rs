@@ -1,0 +1,602 @@
+//! HTTP handlers (documented in `docs/api.md`). They authorize the caller,
+//! look up the expected state, call the verifier and store what it returns.
+
+use crate::audit;
+use crate::error::Error;
+use crate::store::{AttestationRecord, EnrollOutcome, HostRecord, NewChallenge};
+use crate::tls::{ClientIdentity, Peer, Role};
+use crate::verify::{self, Expected, Failure, Policy};
+use crate::AppState;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use chrono::{DateTime, Duration, Utc};
+use proto::tpm::{attr, Public};
+use proto::wire::{
+    Challenge, EnrollRequest, EnrollResponse, Evidence, HostDetail, HostTrust, Reason,
+    RegisterHost, Trust, TrustQuery, TrustQueryResponse, Whitelist,
+};
+use rand::RngCore;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// Most hosts one trust query may name.
+pub const MAX_QUERY_HOSTS: usize = 10_000;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/agents/{host}/enroll", post(enroll))
+        .route("/v1/agents/{host}/challenge", post(challenge))
+        .route("/v1/agents/{host}/evidence", post(evidence))
+        .route("/v1/hosts", post(register_host))
+        .route("/v1/hosts/{host}", get(host_detail))
+        .route("/v1/hosts/{host}/trust", get(host_trust))
+        .route("/v1/hosts/{host}/events", get(host_events))
+        .route(
+            "/v1/hosts/{host}/whitelist",
+            get(get_whitelist).put(put_whitelist),
+        )
+        .route("/v1/hosts/{host}/whitelist/accept", post(accept_whitelist))
+        .route("/v1/trust/query", post(trust_query))
+        .fallback(|| async { Error::BadBody("no such API route".into()) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The authenticated caller, from the connection's client certificate.
+pub struct Caller(pub ClientIdentity);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Error> {
+        match parts.extensions.get::<Peer>() {
+            Some(Some(Ok(id))) => Ok(Caller(id.clone())),
+            Some(Some(Err(why))) => Err(Error::BadClientCertificate(why.clone())),
+            _ => Err(Error::Unauthenticated),
+        }
+    }
+}
+
+impl Caller {
+    fn require(&self, roles: &[Role], action: &'static str) -> Result<(), Error> {
+        if roles.contains(&self.0.role) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden {
+                role: self.0.role.as_str(),
+                action,
+            })
+        }
+    }
+
+    /// Agents act only for the host named in their own certificate.
+    fn require_agent_for(&self, host: &str) -> Result<(), Error> {
+        self.require(&[Role::Agent], "act as a host agent")?;
+        if self.0.name != host {
+            return Err(Error::HostMismatch {
+                cert_host: self.0.name.clone(),
+                path_host: host.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A JSON body that refuses unknown fields and oversized input with our
+/// error codes rather than the framework's plain-text rejections.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Body<T> {
+    type Rejection = Error;
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Error> {
+        let limit = state.config.max_body_bytes;
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    Error::BodyTooLarge { limit }
+                } else {
+                    Error::BadBody(e.body_text())
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| Error::BadBody(e.to_string()))
+    }
+}
+
+fn valid_host(host: &str) -> Result<(), Error> {
+    if proto::wire::valid_host_name(host) {
+        Ok(())
+    } else {
+        Err(Error::InvalidHostName(host.to_string()))
+    }
+}
+
+async fn enroll(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+    Body(req): Body<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, Error> {
+    valid_host(&host)?;
+    caller.require_agent_for(&host)?;
+    let now = Utc::now();
+    let ak_bytes = base64::engine::general_purpose::STANDARD
+        .decode(&req.ak_public)
+        .map_err(|_| Error::BadAk("ak_public is not base64".into()))?;
+    let ak = Public::decode(&ak_bytes).map_err(|e| Error::BadAk(e.to_string()))?;
+    check_ak_attributes(&ak)?;
+    let ak_name = hex::encode(ak.name());
+    let initiator = audit::client("agent", &caller.0.name);
+    let ev = |outcome: &str, reason: Option<(&str, &str)>| {
+        audit::event(
+            &st.config.name,
+            initiator.clone(),
+            proto::cadf::Resource::host(&host),
+            "create",
+            outcome,
+            reason,
+            now,
+            Some(&host),
+        )
+    };
+    let success = ev("success", None);
+    let conflict = ev("failure", Some(("enrollment", "ak_conflict")));
+    let outcome = st
+        .store
+        .enroll(&host, &ak_bytes, &ak_name, now, &success, &conflict)
+        .await?;
+    st.audit_wake.notify_one();
+    match outcome {
+        EnrollOutcome::Created | EnrollOutcome::Unchanged => Ok(Json(EnrollResponse {
+            host,
+            ak_name,
+            created: outcome == EnrollOutcome::Created,
+        })),
+        EnrollOutcome::Conflict { enrolled_name } => Err(Error::AkConflict {
+            host,
+            enrolled: enrolled_name,
+        }),
+    }
+}
+
+/// An AK must be a restricted signing key that never left its TPM.
+fn check_ak_attributes(ak: &Public) -> Result<(), Error> {
+    let required = [
+        (attr::FIXED_TPM, "fixedTPM"),
+        (attr::FIXED_PARENT, "fixedParent"),
+        (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+        (attr::RESTRICTED, "restricted"),
+        (attr::SIGN_ENCRYPT, "sign"),
+    ];
+    for (bit, name) in required {
+        if !ak.has(bit) {
+            return Err(Error::BadAk(format!("attribute {name} is not set")));
+        }
+    }
+    if ak.has(attr::DECRYPT) {
+        return Err(Error::BadAk(
+            "an attestation key must not be a decryption key".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn challenge(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+    Body(_): Body<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Json<Challenge>, Error> {
+    valid_host(&host)?;
+    caller.require_agent_for(&host)?;
+    let record = st.store.host(&host).await?;
+    if record.as_ref().and_then(|r| r.ak_name.as_ref()).is_none() {
+        return Err(Error::NotEnrolled { host });
+    }
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let now = Utc::now();
+    let ch = NewChallenge {
+        nonce: hex::encode(nonce),
+        host,
+        selection: st.config.pcr_selection.clone(),
+        issued_at: now,
+        expires_at: now + Duration::seconds(st.config.challenge_ttl_secs as i64),
+    };
+    st.store.insert_challenge(&ch).await?;
+    Ok(Json(Challenge {
+        nonce: ch.nonce,
+        pcr_selection: ch.selection,
+        expires_at: ch.expires_at,
+    }))
+}
+
+async fn evidence(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+    body: Result<Body<Evidence>, Error>,
+) -> Result<Json<HostTrust>, Error> {
+    valid_host(&host)?;
+    let now = Utc::now();
+    if let Err(e) = caller.require_agent_for(&host) {
+        // Someone tried to speak for this host: audit it, change nothing.
+        if caller.0.role == Role::Agent {
+            let reason = Reason {
+                step: "authorization".into(),
+                code: e.code().into(),
+                message: e.to_string(),
+                pcr: None,
+            };
+            let ev = audit::attestation_event(&audit::Attestation {
+                observer: &st.config.name,
+                host: &host,
+                initiator: &caller.0.name,
+                now,
+                verdict: None,
+                reason: Some(&reason),
+                pcrs: None,
+                correlation_id: &uuid::Uuid::new_v4().to_string(),
+            });
+            st.store.record_event(&ev).await?;
+            st.audit_wake.notify_one();
+        }
+        return Err(e);
+    }
+    let record = st.store.host(&host).await?;
+    let Some((record, ak)) = enrolled(record)? else {
+        return Err(Error::NotEnrolled { host });
+    };
+    let result = match body {
+        Ok(Body(ev)) => {
+            let nonce = ev.nonce.to_ascii_lowercase();
+            let issued = st.store.take_challenge(&nonce, &host, now).await?;
+            let expected = Expected {
+                host: &host,
+                ak: &ak,
+                challenge: issued.as_ref(),
+            };
+            let policy = Policy {
+                whitelist: record.whitelist.as_ref(),
+                freshness: Duration::seconds(st.config.freshness_secs as i64),
+            };
+            verify::verify(&ev, &expected, &policy, now)
+                .map_err(|failure| Error::Verification { failure })
+        }
+        Err(e) => Err(e),
+    };
+    let correlation_id = uuid::Uuid::new_v4().to_string();
+    match result {
+        Ok(verified) => {
+            let ev = audit::attestation_event(&audit::Attestation {
+                observer: &st.config.name,
+                host: &host,
+                initiator: &caller.0.name,
+                now,
+                verdict: Some(&verified.verdict),
+                reason: None,
+                pcrs: Some(&verified.pcrs),
+                correlation_id: &correlation_id,
+            });
+            let rec = AttestationRecord {
+                verdict: &verified.verdict,
+                verified_pcrs: Some(&verified.pcrs),
+                event: &ev,
+            };
+            st.store.record_attestation(&host, rec).await?;
+            st.audit_wake.notify_one();
+            tracing::info!(
+                host,
+                trust = verified.verdict.trust.as_str(),
+                "attestation verified"
+            );
+            Ok(Json(verified.verdict))
+        }
+        Err(err) => {
+            // Evidence that is not genuine makes its host untrusted: only the
+            // host's own certificate can submit it, so something is wrong there.
+            let reason = match &err {
+                Error::Verification { failure } => failure.reason(),
+                other => Reason {
+                    step: verify::Step::Decode.name().into(),
+                    code: other.code().into(),
+                    message: other.to_string(),
+                    pcr: None,
+                },
+            };
+            let verdict = verify::verdict(
+                &host,
+                vec![reason.clone()],
+                now,
+                Duration::seconds(st.config.freshness_secs as i64),
+            );
+            let ev = audit::attestation_event(&audit::Attestation {
+                observer: &st.config.name,
+                host: &host,
+                initiator: &caller.0.name,
+                now,
+                verdict: Some(&verdict),
+                reason: Some(&reason),
+                pcrs: None,
+                correlation_id: &correlation_id,
+            });
+            let rec = AttestationRecord {
+                verdict: &verdict,
+                verified_pcrs: None,
+                event: &ev,
+            };
+            st.store.record_attestation(&host, rec).await?;
+            st.audit_wake.notify_one();
+            tracing::warn!(host, code = err.code(), error = %err, "evidence refused");
+            Err(err)
+        }
+    }
+}
+
+/// The host's record and decoded AK, if it has enrolled one.
+fn enrolled(record: Option<HostRecord>) -> Result<Option<(HostRecord, Public)>, Error> {
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let Some(bytes) = record.ak_public.as_deref() else {
+        return Ok(None);
+    };
+    let ak = Public::decode(bytes).map_err(|e| Error::Verification {
+        failure: Failure::Decode(verify::DecodeFailure::Ak(e)),
+    })?;
+    Ok(Some((record, ak)))
+}
+
+/// What a reader is told now: a verdict past its expiry is `unknown`.
+pub fn current_trust(host: &str, stored: Option<HostTrust>, now: DateTime<Utc>) -> HostTrust {
+    let Some(v) = stored else {
+        return HostTrust::unknown(
+            host,
+            Reason {
+                step: "freshness".into(),
+                code: "no_verdict".into(),
+                message: "the host is not registered or has never attested".into(),
+                pcr: None,
+            },
+        );
+    };
+    match v.expires_at {
+        Some(exp) if now < exp => v,
+        exp => {
+            let mut reasons = vec![Reason {
+                step: "freshness".into(),
+                code: "verdict_expired".into(),
+                message: format!(
+                    "last verdict ({}) expired at {}",
+                    v.trust.as_str(),
+                    exp.map(|e| e.to_rfc3339()).unwrap_or_default()
+                ),
+                pcr: None,
+            }];
+            reasons.extend(v.reasons);
+            HostTrust {
+                trust: Trust::Unknown,
+                reasons,
+                ..v
+            }
+        }
+    }
+}
+
+async fn host_trust(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+) -> Result<Json<HostTrust>, Error> {
+    valid_host(&host)?;
+    if caller.0.role == Role::Agent {
+        caller.require_agent_for(&host)?;
+    }
+    let mut found = st.store.verdicts(std::slice::from_ref(&host)).await?;
+    Ok(Json(current_trust(&host, found.remove(&host), Utc::now())))
+}
+
+async fn trust_query(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Body(q): Body<TrustQuery>,
+) -> Result<Json<TrustQueryResponse>, Error> {
+    caller.require(&[Role::Scheduler, Role::Admin], "query the trust of hosts")?;
+    if q.hosts.len() > MAX_QUERY_HOSTS {
+        return Err(Error::BadBody(format!(
+            "{} hosts requested; at most {MAX_QUERY_HOSTS} per query",
+            q.hosts.len()
+        )));
+    }
+    for h in &q.hosts {
+        valid_host(h)?;
+    }
+    let mut found = st.store.verdicts(&q.hosts).await?;
+    let now = Utc::now();
+    let hosts = q
+        .hosts
+        .iter()
+        .map(|h| current_trust(h, found.get(h).cloned(), now))
+        .collect();
+    found.clear();
+    Ok(Json(TrustQueryResponse { hosts }))
+}
+
+async fn register_host(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Body(req): Body<RegisterHost>,
+) -> Result<Json<HostDetail>, Error> {
+    caller.require(&[Role::Admin], "register hosts")?;
+    valid_host(&req.host)?;
+    let now = Utc::now();
+    if st.store.register_host(&req.host, now).await? {
+        let ev = audit::event(
+            &st.config.name,
+            audit::client("admin", &caller.0.name),
+            proto::cadf::Resource::host(&req.host),
+            "create",
+            "success",
+            None,
+            now,
+            Some(&req.host),
+        );
+        st.store.record_event(&ev).await?;
+        st.audit_wake.notify_one();
+    }
+    detail(&st, &req.host).await.map(Json)
+}
+
+async fn detail(st: &AppState, host: &str) -> Result<HostDetail, Error> {
+    let r = st
+        .store
+        .host(host)
+        .await?
+        .ok_or_else(|| Error::UnknownHost(host.to_string()))?;
+    Ok(HostDetail {
+        verdict: current_trust(host, r.verdict, Utc::now()),
+        host: r.name,
+        registered_at: r.registered_at,
+        ak_name: r.ak_name,
+        whitelist: r.whitelist,
+        last_pcrs: r.last_pcrs,
+    })
+}
+
+async fn host_detail(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+) -> Result<Json<HostDetail>, Error> {
+    caller.require(&[Role::Admin], "read host details")?;
+    valid_host(&host)?;
+    detail(&st, &host).await.map(Json)
+}
+
+async fn host_events(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+) -> Result<Json<Vec<serde_json::Value>>, Error> {
+    caller.require(&[Role::Admin], "read audit events")?;
+    valid_host(&host)?;
+    let events = st.store.host_events(&host, 1000).await?;
+    Ok(Json(
+        events
+            .iter()
+            .filter_map(|e| serde_json::from_str(e).ok())
+            .collect(),
+    ))
+}
+
+async fn get_whitelist(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+) -> Result<Json<Whitelist>, Error> {
+    caller.require(&[Role::Admin], "read whitelists")?;
+    valid_host(&host)?;
+    let r = st
+        .store
+        .host(&host)
+        .await?
+        .ok_or_else(|| Error::UnknownHost(host.clone()))?;
+    Ok(Json(r.whitelist.unwrap_or_default()))
+}
+
+async fn put_whitelist(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+    Body(wl): Body<Whitelist>,
+) -> Result<Json<HostDetail>, Error> {
+    caller.require(&[Role::Admin], "change whitelists")?;
+    valid_host(&host)?;
+    verify::validate_whitelist(&wl).map_err(Error::BadWhitelist)?;
+    set_whitelist(&st, &caller, &host, wl).await
+}
+
+async fn accept_whitelist(
+    State(st): State<Arc<AppState>>,
+    caller: Caller,
+    Path(host): Path<String>,
+) -> Result<Json<HostDetail>, Error> {
+    caller.require(&[Role::Admin], "change whitelists")?;
+    valid_host(&host)?;
+    let r = st
+        .store
+        .host(&host)
+        .await?
+        .ok_or_else(|| Error::UnknownHost(host.clone()))?;
+    let pcrs = r.last_pcrs.ok_or_else(|| Error::NoEvidence(host.clone()))?;
+    let wl = Whitelist {
+        pcrs: pcrs
+            .into_iter()
+            .map(|(bank, values)| {
+                (
+                    bank,
+                    values.into_iter().map(|(i, v)| (i, vec![v])).collect(),
+                )
+            })
+            .collect(),
+    };
+    set_whitelist(&st, &caller, &host, wl).await
+}
+
+/// Store a new whitelist and judge the host's latest genuine evidence
+/// against it at once, so readers see the new verdict without waiting for
+/// the next quote.
+async fn set_whitelist(
+    st: &AppState,
+    caller: &Caller,
+    host: &str,
+    wl: Whitelist,
+) -> Result<Json<HostDetail>, Error> {
+    let r = st
+        .store
+        .host(host)
+        .await?
+        .ok_or_else(|| Error::UnknownHost(host.to_string()))?;
+    let now = Utc::now();
+    // Re-judge only a verdict that came from genuine evidence (its reasons,
+    // if any, are whitelist faults): those are the values in last_pcrs.
+    let rejudged = match (&r.verdict, &r.last_pcrs) {
+        (Some(v), Some(pcrs))
+            if v.reasons
+                .iter()
+                .all(|x| x.step == verify::Step::Whitelist.name()) =>
+        {
+            let faults = verify::judge(pcrs, Some(&wl));
+            Some(HostTrust {
+                trust: if faults.is_empty() {
+                    Trust::Trusted
+                } else {
+                    Trust::Untrusted
+                },
+                reasons: faults,
+                ..v.clone()
+            })
+        }
+        _ => None,
+    };
+    let ev = audit::event(
+        &st.config.name,
+        audit::client(caller.0.role.as_str(), &caller.0.name),
+        audit::policy_target(host),
+        "update",
+        "success",
+        None,
+        now,
+        Some(host),
+    );
+    st.store
+        .set_whitelist(host, &wl, rejudged.as_ref(), &ev)
+        .await?;
+    st.audit_wake.notify_one();
+    detail(st, host).await.map(Json)
+}

@@ -1,0 +1,40 @@
+//! `attestation-server --config FILE`
+use attestation_server::config::ServerConfig;
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "attestation-server",
+    about = "Trusted compute pool attestation server"
+)]
+struct Args {
+    /// TOML configuration (see `attestctl init`); ATTEST_SERVER_* variables override it.
+    #[arg(long, env = "ATTEST_SERVER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = match ServerConfig::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("attestation-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match attestation_server::run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("attestation-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Server configuration: defaults, then a TOML file, then environment
+//! variables (`ATTEST_SERVER_` prefix, `__` between nested keys, e.g.
+//! `ATTEST_SERVER_TLS__CERT`).
+
+use crate::error::Error;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use proto::tpm::MAX_PCR;
+use proto::wire::PcrSelectionMap;
+use proto::HashAlg;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A value that must not reach logs (a database URL may carry a password).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"[redacted]\"")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Name of this server in audit events (the CADF observer).
+    pub name: String,
+    /// Address of the mutual-TLS API listener.
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`.
+    pub database_url: Secret,
+    /// JSON-lines file every audit event is appended to; none to disable.
+    pub audit_file: Option<PathBuf>,
+    /// How long a verdict stays valid without new evidence.
+    pub freshness_secs: u64,
+    /// How long an issued nonce can be answered.
+    pub challenge_ttl_secs: u64,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// The PCRs every challenge asks for.
+    pub pcr_selection: PcrSelectionMap,
+    pub tls: ServerTls,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key of the server.
+    pub key: PathBuf,
+    /// PEM bundle of the CA(s) whose client certificates are accepted.
+    pub client_ca: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            name: "attestation-server".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            database_url: Secret("sqlite://attest.db".into()),
+            audit_file: None,
+            freshness_secs: 120,
+            challenge_ttl_secs: 60,
+            max_body_bytes: 64 * 1024,
+            pcr_selection: [(HashAlg::Sha256, (0..=10).collect())]
+                .into_iter()
+                .collect(),
+            tls: ServerTls {
+                cert: "server.pem".into(),
+                key: "server.key".into(),
+                client_ca: "ca.pem".into(),
+            },
+        }
+    }
+}
+
+pub const ENV_PREFIX: &str = "ATTEST_SERVER_";
+
+impl ServerConfig {
+    /// Load defaults, then `file` (if given), then the environment; resolve
+    /// relative paths against the file's directory; validate.
+    pub fn load(file: Option<&Path>) -> Result<Self, Error> {
+        let mut fig = Figment::from(Serialized::defaults(ServerConfig::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(Error::Config {
+                    key: "--config".into(),
+                    problem: format!("file {} does not exist", f.display()),
+                });
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let mut cfg: ServerConfig = fig.extract().map_err(config_error)?;
+        if let Some(base) = file.and_then(Path::parent) {
+            cfg.resolve_paths(base);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        if let Some(a) = self.audit_file.as_mut() {
+            fix(a);
+        }
+        // sqlite://relative/path is relative to the config file too.
+        if let Some(rest) = self.database_url.0.strip_prefix("sqlite://") {
+            let (path, query) = rest
+                .split_once('?')
+                .map_or((rest, None), |(p, q)| (p, Some(q)));
+            if !path.is_empty() && !path.starts_with('/') && path != ":memory:" {
+                let abs = base.join(path);
+                self.database_url.0 = match query {
+                    Some(q) => format!("sqlite://{}?{q}", abs.display()),
+                    None => format!("sqlite://{}", abs.display()),
+                };
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &str, problem: String| {
+            Err(Error::Config {
+                key: key.into(),
+                problem,
+            })
+        };
+        if self.freshness_secs == 0 {
+            return bad("freshness_secs", "must be at least 1".into());
+        }
+        if self.challenge_ttl_secs == 0 {
+            return bad("challenge_ttl_secs", "must be at least 1".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return bad("max_body_bytes", "must be at least 1024".into());
+        }
+        let url = &self.database_url.0;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return bad(
+                "database_url",
+                "must start with sqlite:// or postgres://".into(),
+            );
+        }
+        if self.pcr_selection.values().all(|v| v.is_empty()) {
+            return bad("pcr_selection", "must select at least one PCR".into());
+        }
+        for (bank, pcrs) in &self.pcr_selection {
+            if let Some(p) = pcrs.iter().find(|p| **p > MAX_PCR) {
+                return bad(
+                    &format!("pcr_selection.{bank}"),
+                    format!("PCR {p} is outside 0-{MAX_PCR}"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turn a figment error into "key: problem".
+pub fn config_error(e: figment::Error) -> Error {
+    let key = if e.path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        e.path.join(".")
+    };
+    Error::Config {
+        key,
+        problem: e.kind.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_redact_the_database_url() {
+        let mut cfg = ServerConfig::default();
+        cfg.database_url = Secret("postgres://u:hunter2@db/x".into());
+        cfg.validate().unwrap();
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn file_then_env_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("server.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\ndatabase_url = \"sqlite://db/x.db\"\n[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"/etc/ca.pem\"\n").unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ATTEST_SERVER_FRESHNESS_SECS", "7");
+            let cfg = ServerConfig::load(Some(&f)).unwrap();
+            assert_eq!(cfg.listen.port(), 9000);
+            assert_eq!(cfg.freshness_secs, 7);
+            assert_eq!(cfg.tls.cert, dir.path().join("s.pem"));
+            assert_eq!(cfg.tls.client_ca, PathBuf::from("/etc/ca.pem"));
+            assert_eq!(
+                cfg.database_url.0,
+                format!("sqlite://{}/db/x.db", dir.path().display())
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("server.toml");
+        std::fs::write(&f, "listen = \"nowhere\"\n").unwrap();
+        match ServerConfig::load(Some(&f)) {
+            Err(Error::Config { key, .. }) => assert_eq!(key, "listen"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        std::fs::write(&f, "lisen = \"127.0.0.1:1\"\n").unwrap();
+        match ServerConfig::load(Some(&f)) {
+            Err(Error::Config { problem, .. }) => assert!(problem.contains("lisen"), "{problem}"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        std::fs::write(&f, "[pcr_selection]\nsha256 = [24]\n").unwrap();
+        match ServerConfig::load(Some(&f)) {
+            Err(Error::Config { key, .. }) => assert_eq!(key, "pcr_selection.sha256"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,579 @@
+//! The quote verifier: a pure function of (evidence, expected state, policy,
+//! now) to a verdict. No I/O happens here; the HTTP handlers look up the
+//! expected state, call [`verify`], and store what it returns.
+//!
+//! The steps run in this order, each with its own failure type:
+//! 1. [`Step::Decode`]: base64/hex and TPM structure decoding
+//! 2. [`Step::Signature`]: the quote is signed by the host's enrolled AK
+//! 3. [`Step::Nonce`]: the nonce was issued by us, to this host, is unexpired and unused
+//! 4. [`Step::PcrSelection`]: the quote covers exactly the PCRs we asked for
+//! 5. [`Step::PcrDigest`]: the reported PCR values hash to the quote's pcrDigest
+//! 6. [`Step::Whitelist`]: the PCR values are among the acceptable ones
+//! 7. the verdict: trusted only when every step passed.
+//!
+//! Steps 1–5 prove the evidence genuine; a failure there is an error. Step 6
+//! judges genuine evidence; a mismatch there is an `untrusted` verdict.
+
+use base64::Engine;
+use chrono::{DateTime, Duration, Utc};
+use proto::tpm::{
+    self, Attest, EccCurve, HashAlg, KeyScheme, PcrSelection, Public, PublicKey, Signature,
+};
+use proto::wire::{self, Evidence, HostTrust, PcrFault, PcrValues, Reason, Trust, Whitelist};
+use ring::signature as sig;
+use std::collections::BTreeSet;
+
+/// The named verification steps, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Decode,
+    Signature,
+    Nonce,
+    PcrSelection,
+    PcrDigest,
+    Whitelist,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Decode => "decode",
+            Step::Signature => "signature",
+            Step::Nonce => "nonce",
+            Step::PcrSelection => "pcr_selection",
+            Step::PcrDigest => "pcr_digest",
+            Step::Whitelist => "whitelist",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeFailure {
+    #[error("field {field} is not valid {encoding}")]
+    Encoding {
+        field: &'static str,
+        encoding: &'static str,
+    },
+    #[error("attest is not a TPMS_ATTEST quote: {0}")]
+    Attest(tpm::TpmError),
+    #[error("signature is not a TPMT_SIGNATURE: {0}")]
+    Signature(tpm::TpmError),
+    #[error("PCR {index} of bank {bank} is {len} bytes, expected {expected}")]
+    PcrLength {
+        bank: HashAlg,
+        index: u8,
+        len: usize,
+        expected: usize,
+    },
+    #[error("PCR index {index} is beyond {max}", max = tpm::MAX_PCR)]
+    PcrIndex { index: u8 },
+    #[error("the enrolled AK cannot be decoded: {0}")]
+    Ak(tpm::TpmError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureFailure {
+    #[error("quote was signed by {actual}, the host's AK is {expected}")]
+    SignerMismatch { expected: String, actual: String },
+    #[error("signature scheme {scheme} with {hash} does not fit the AK")]
+    SchemeMismatch { scheme: &'static str, hash: HashAlg },
+    #[error("signatures over {0} are not accepted")]
+    WeakHash(HashAlg),
+    #[error("the signature does not verify with the host's AK")]
+    Invalid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NonceFailure {
+    #[error("the quote's qualifying data is not the nonce sent")]
+    NotQuoted,
+    #[error("nonce was not issued by this service")]
+    Unknown,
+    #[error("nonce was issued to host {issued_to}")]
+    OtherHost { issued_to: String },
+    #[error("nonce expired at {expired_at}")]
+    Expired { expired_at: DateTime<Utc> },
+    #[error("nonce was already used")]
+    Replayed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectionFailure {
+    #[error("quote covers {quoted}, the challenge asked for {asked}")]
+    QuoteDiffers { asked: String, quoted: String },
+    #[error("reported PCR values cover {reported}, the quote covers {quoted}")]
+    ValuesDiffer { reported: String, quoted: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestFailure {
+    #[error("pcrDigest {quoted} does not match the reported PCR values (digest {computed})")]
+    Mismatch { quoted: String, computed: String },
+}
+
+/// Why evidence was refused: the step and its typed failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("{0}")]
+    Decode(#[from] DecodeFailure),
+    #[error("{0}")]
+    Signature(#[from] SignatureFailure),
+    #[error("{0}")]
+    Nonce(#[from] NonceFailure),
+    #[error("{0}")]
+    PcrSelection(#[from] SelectionFailure),
+    #[error("{0}")]
+    PcrDigest(#[from] DigestFailure),
+}
+
+impl Failure {
+    pub fn step(&self) -> Step {
+        match self {
+            Failure::Decode(_) => Step::Decode,
+            Failure::Signature(_) => Step::Signature,
+            Failure::Nonce(_) => Step::Nonce,
+            Failure::PcrSelection(_) => Step::PcrSelection,
+            Failure::PcrDigest(_) => Step::PcrDigest,
+        }
+    }
+
+    /// Stable machine-readable code, used as the API error code and the
+    /// CADF reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Failure::Decode(DecodeFailure::Encoding { .. }) => "evidence_encoding",
+            Failure::Decode(DecodeFailure::Attest(_)) => "attest_malformed",
+            Failure::Decode(DecodeFailure::Signature(_)) => "signature_malformed",
+            Failure::Decode(DecodeFailure::PcrLength { .. } | DecodeFailure::PcrIndex { .. }) => {
+                "pcr_value_malformed"
+            }
+            Failure::Decode(DecodeFailure::Ak(_)) => "ak_malformed",
+            Failure::Signature(SignatureFailure::SignerMismatch { .. }) => "signer_mismatch",
+            Failure::Signature(SignatureFailure::SchemeMismatch { .. }) => {
+                "signature_scheme_mismatch"
+            }
+            Failure::Signature(SignatureFailure::WeakHash(_)) => "signature_weak_hash",
+            Failure::Signature(SignatureFailure::Invalid) => "signature_invalid",
+            Failure::Nonce(NonceFailure::NotQuoted) => "nonce_not_quoted",
+            Failure::Nonce(NonceFailure::Unknown) => "nonce_unknown",
+            Failure::Nonce(NonceFailure::OtherHost { .. }) => "nonce_other_host",
+            Failure::Nonce(NonceFailure::Expired { .. }) => "nonce_expired",
+            Failure::Nonce(NonceFailure::Replayed) => "nonce_replayed",
+            Failure::PcrSelection(SelectionFailure::QuoteDiffers { .. }) => {
+                "pcr_selection_mismatch"
+            }
+            Failure::PcrSelection(SelectionFailure::ValuesDiffer { .. }) => "pcr_values_incomplete",
+            Failure::PcrDigest(_) => "pcr_digest_mismatch",
+        }
+    }
+
+    pub fn reason(&self) -> Reason {
+        Reason {
+            step: self.step().name().into(),
+            code: self.code().into(),
+            message: self.to_string(),
+            pcr: None,
+        }
+    }
+}
+
+/// A challenge as the store knows it, seen by the evidence it is used with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedChallenge {
+    pub host: String,
+    pub selection: PcrSelection,
+    pub expires_at: DateTime<Utc>,
+    /// True when an earlier evidence already consumed this nonce.
+    pub used_before: bool,
+}
+
+/// What the server expects of this host's evidence.
+#[derive(Debug, Clone)]
+pub struct Expected<'a> {
+    pub host: &'a str,
+    /// The host's enrolled AK.
+    pub ak: &'a Public,
+    /// The challenge stored under the evidence's nonce, if any.
+    pub challenge: Option<&'a IssuedChallenge>,
+}
+
+/// How to judge genuine evidence.
+#[derive(Debug, Clone)]
+pub struct Policy<'a> {
+    pub whitelist: Option<&'a Whitelist>,
+    pub freshness: Duration,
+}
+
+/// Genuine evidence and the verdict on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub attest: Attest,
+    pub pcrs: PcrValues,
+    pub verdict: HostTrust,
+}
+
+/// Decoded evidence (step 1's output).
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub nonce: Vec<u8>,
+    pub attest_bytes: Vec<u8>,
+    pub attest: Attest,
+    pub signature: Signature,
+}
+
+/// Run every step on one piece of evidence.
+pub fn verify(
+    evidence: &Evidence,
+    expected: &Expected<'_>,
+    policy: &Policy<'_>,
+    now: DateTime<Utc>,
+) -> Result<Verified, Failure> {
+    let decoded = decode(evidence)?;
+    check_signature(&decoded, expected.ak)?;
+    check_nonce(&decoded, expected, now)?;
+    check_selection(&decoded.attest, &evidence.pcrs, expected.challenge)?;
+    check_pcr_digest(&decoded, &evidence.pcrs)?;
+    let faults = judge(&evidence.pcrs, policy.whitelist);
+    Ok(Verified {
+        verdict: verdict(expected.host, faults, now, policy.freshness),
+        attest: decoded.attest,
+        pcrs: evidence.pcrs.clone(),
+    })
+}
+
+/// Step 1.
+pub fn decode(evidence: &Evidence) -> Result<Decoded, DecodeFailure> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let nonce = hex::decode(&evidence.nonce).map_err(|_| DecodeFailure::Encoding {
+        field: "nonce",
+        encoding: "hex",
+    })?;
+    let attest_bytes = b64
+        .decode(&evidence.attest)
+        .map_err(|_| DecodeFailure::Encoding {
+            field: "attest",
+            encoding: "base64",
+        })?;
+    let sig_bytes = b64
+        .decode(&evidence.signature)
+        .map_err(|_| DecodeFailure::Encoding {
+            field: "signature",
+            encoding: "base64",
+        })?;
+    let attest = Attest::decode(&attest_bytes).map_err(DecodeFailure::Attest)?;
+    let signature = Signature::decode(&sig_bytes).map_err(DecodeFailure::Signature)?;
+    for (bank, values) in &evidence.pcrs {
+        for (index, value) in values {
+            if *index > tpm::MAX_PCR {
+                return Err(DecodeFailure::PcrIndex { index: *index });
+            }
+            let bytes = hex::decode(value).map_err(|_| DecodeFailure::Encoding {
+                field: "pcrs",
+                encoding: "hex",
+            })?;
+            if bytes.len() != bank.digest_len() {
+                return Err(DecodeFailure::PcrLength {
+                    bank: *bank,
+                    index: *index,
+                    len: bytes.len(),
+                    expected: bank.digest_len(),
+                });
+            }
+        }
+    }
+    Ok(Decoded {
+        nonce,
+        attest_bytes,
+        attest,
+        signature,
+    })
+}
+
+/// Step 2: the quote names the AK as its signer and the AK's signature holds.
+pub fn check_signature(d: &Decoded, ak: &Public) -> Result<(), SignatureFailure> {
+    let ak_name = ak.name();
+    if d.attest.qualified_signer != ak_name {
+        return Err(SignatureFailure::SignerMismatch {
+            expected: hex::encode(&ak_name),
+            actual: hex::encode(&d.attest.qualified_signer),
+        });
+    }
+    verify_signature(ak, &d.signature, &d.attest_bytes)
+}
+
+/// The bare signature check over `message`, also used as the benchmark floor.
+pub fn verify_signature(
+    ak: &Public,
+    signature: &Signature,
+    message: &[u8],
+) -> Result<(), SignatureFailure> {
+    let hash = signature.hash();
+    let mismatch = || SignatureFailure::SchemeMismatch {
+        scheme: signature.scheme_name(),
+        hash,
+    };
+    if hash == HashAlg::Sha1 {
+        return Err(SignatureFailure::WeakHash(hash));
+    }
+    // A key fixed to one scheme must be used with exactly that scheme.
+    let scheme_ok = match (ak.scheme, signature) {
+        (KeyScheme::Null, _) => true,
+        (KeyScheme::RsaSsa(h), Signature::RsaSsa { .. }) => h == hash,
+        (KeyScheme::RsaPss(h), Signature::RsaPss { .. }) => h == hash,
+        (KeyScheme::Ecdsa(h), Signature::Ecdsa { .. }) => h == hash,
+        _ => false,
+    };
+    if !scheme_ok {
+        return Err(mismatch());
+    }
+    match (&ak.key, signature) {
+        (
+            PublicKey::Rsa {
+                modulus, exponent, ..
+            },
+            Signature::RsaSsa { sig: s, .. } | Signature::RsaPss { sig: s, .. },
+        ) => {
+            let pss = matches!(signature, Signature::RsaPss { .. });
+            let params: &sig::RsaParameters = match (pss, hash) {
+                (false, HashAlg::Sha256) => &sig::RSA_PKCS1_2048_8192_SHA256,
+                (false, HashAlg::Sha384) => &sig::RSA_PKCS1_2048_8192_SHA384,
+                (false, HashAlg::Sha512) => &sig::RSA_PKCS1_2048_8192_SHA512,
+                (true, HashAlg::Sha256) => &sig::RSA_PSS_2048_8192_SHA256,
+                (true, HashAlg::Sha384) => &sig::RSA_PSS_2048_8192_SHA384,
+                (true, HashAlg::Sha512) => &sig::RSA_PSS_2048_8192_SHA512,
+                _ => return Err(mismatch()),
+            };
+            let e = exponent.to_be_bytes();
+            let key = sig::RsaPublicKeyComponents {
+                n: modulus.as_slice(),
+                e: &e[..],
+            };
+            key.verify(params, message, s)
+                .map_err(|_| SignatureFailure::Invalid)
+        }
+        (PublicKey::Ecc { curve, x, y }, Signature::Ecdsa { r, s, .. }) => {
+            let (alg, width): (&sig::EcdsaVerificationAlgorithm, usize) = match (curve, hash) {
+                (EccCurve::NistP256, HashAlg::Sha256) => (&sig::ECDSA_P256_SHA256_FIXED, 32),
+                (EccCurve::NistP384, HashAlg::Sha384) => (&sig::ECDSA_P384_SHA384_FIXED, 48),
+                _ => return Err(mismatch()),
+            };
+            let point = [&[0x04u8][..], &left_pad(x, width)?, &left_pad(y, width)?].concat();
+            let fixed = [left_pad(r, width)?, left_pad(s, width)?].concat();
+            sig::UnparsedPublicKey::new(alg, point)
+                .verify(message, &fixed)
+                .map_err(|_| SignatureFailure::Invalid)
+        }
+        _ => Err(mismatch()),
+    }
+}
+
+/// TPMs may drop leading zero bytes of ECC coordinates and signature halves.
+fn left_pad(v: &[u8], width: usize) -> Result<Vec<u8>, SignatureFailure> {
+    if v.len() > width {
+        return Err(SignatureFailure::Invalid);
+    }
+    let mut out = vec![0u8; width - v.len()];
+    out.extend_from_slice(v);
+    Ok(out)
+}
+
+/// Step 3.
+pub fn check_nonce(
+    d: &Decoded,
+    expected: &Expected<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), NonceFailure> {
+    if d.attest.extra_data != d.nonce {
+        return Err(NonceFailure::NotQuoted);
+    }
+    let ch = expected.challenge.ok_or(NonceFailure::Unknown)?;
+    if ch.host != expected.host {
+        return Err(NonceFailure::OtherHost {
+            issued_to: ch.host.clone(),
+        });
+    }
+    if ch.used_before {
+        return Err(NonceFailure::Replayed);
+    }
+    if now >= ch.expires_at {
+        return Err(NonceFailure::Expired {
+            expired_at: ch.expires_at,
+        });
+    }
+    Ok(())
+}
+
+fn describe(sel: &[(HashAlg, BTreeSet<u8>)]) -> String {
+    if sel.is_empty() {
+        return "no PCRs".into();
+    }
+    sel.iter()
+        .map(|(a, p)| {
+            format!(
+                "{a}:{}",
+                p.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Step 4: the quote's selection is the one asked for, and the reported
+/// values are exactly the quoted PCRs.
+pub fn check_selection(
+    attest: &Attest,
+    pcrs: &PcrValues,
+    challenge: Option<&IssuedChallenge>,
+) -> Result<(), SelectionFailure> {
+    let quoted = attest.quote.pcr_select.normalized();
+    if let Some(ch) = challenge {
+        let asked = ch.selection.normalized();
+        if quoted != asked {
+            return Err(SelectionFailure::QuoteDiffers {
+                asked: describe(&asked),
+                quoted: describe(&quoted),
+            });
+        }
+    }
+    let reported: Vec<(HashAlg, BTreeSet<u8>)> = pcrs
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(a, v)| (*a, v.keys().copied().collect()))
+        .collect();
+    if reported != quoted {
+        return Err(SelectionFailure::ValuesDiffer {
+            reported: describe(&reported),
+            quoted: describe(&quoted),
+        });
+    }
+    Ok(())
+}
+
+/// Step 5: hash the reported values in the quote's selection order.
+pub fn check_pcr_digest(d: &Decoded, pcrs: &PcrValues) -> Result<(), DigestFailure> {
+    let mut values: Vec<Vec<u8>> = Vec::new();
+    for (bank, indices) in &d.attest.quote.pcr_select.banks {
+        for index in indices {
+            // Presence and encoding were checked by steps 1 and 4.
+            let v = pcrs
+                .get(bank)
+                .and_then(|b| b.get(index))
+                .and_then(|h| hex::decode(h).ok())
+                .unwrap_or_default();
+            values.push(v);
+        }
+    }
+    let computed = tpm::pcr_digest(d.signature.hash(), values.iter().map(Vec::as_slice));
+    if computed != d.attest.quote.pcr_digest {
+        return Err(DigestFailure::Mismatch {
+            quoted: hex::encode(&d.attest.quote.pcr_digest),
+            computed: hex::encode(computed),
+        });
+    }
+    Ok(())
+}
+
+/// Step 6: compare genuine PCR values with the whitelist. Every whitelisted
+/// PCR must be reported with one of its acceptable values; PCRs the
+/// whitelist does not name are not judged. No whitelist, or an empty one,
+/// judges nothing and so is itself a fault: trust is never the default.
+pub fn judge(pcrs: &PcrValues, whitelist: Option<&Whitelist>) -> Vec<Reason> {
+    let entries = whitelist
+        .map(|w| w.pcrs.values().map(|b| b.len()).sum::<usize>())
+        .unwrap_or(0);
+    let Some(wl) = whitelist.filter(|_| entries > 0) else {
+        return vec![Reason {
+            step: Step::Whitelist.name().into(),
+            code: "no_whitelist".into(),
+            message: "no whitelist is set for this host".into(),
+            pcr: None,
+        }];
+    };
+    let mut faults = Vec::new();
+    for (bank, indices) in &wl.pcrs {
+        for (index, acceptable) in indices {
+            let actual = pcrs.get(bank).and_then(|b| b.get(index));
+            let ok = actual.is_some_and(|a| acceptable.iter().any(|v| v.eq_ignore_ascii_case(a)));
+            if ok {
+                continue;
+            }
+            let (code, message) = match actual {
+                Some(a) => (
+                    "pcr_not_whitelisted",
+                    format!("PCR {index} ({bank}) is {a}, not an acceptable value"),
+                ),
+                None => (
+                    "pcr_not_reported",
+                    format!("PCR {index} ({bank}) is whitelisted but was not quoted"),
+                ),
+            };
+            faults.push(Reason {
+                step: Step::Whitelist.name().into(),
+                code: code.into(),
+                message,
+                pcr: Some(PcrFault {
+                    index: *index,
+                    bank: *bank,
+                    expected: acceptable.clone(),
+                    actual: actual.cloned(),
+                }),
+            });
+        }
+    }
+    faults
+}
+
+/// Step 7: trusted only when no fault was found.
+pub fn verdict(
+    host: &str,
+    faults: Vec<Reason>,
+    verified_at: DateTime<Utc>,
+    freshness: Duration,
+) -> HostTrust {
+    HostTrust {
+        host: host.to_string(),
+        trust: if faults.is_empty() {
+            Trust::Trusted
+        } else {
+            Trust::Untrusted
+        },
+        verified_at: Some(verified_at),
+        expires_at: Some(verified_at + freshness),
+        reasons: faults,
+    }
+}
+
+/// Check a whitelist's shape: known banks (enforced by its type), PCR
+/// indices 0–23, hex digests of the bank's length, at least one value each.
+pub fn validate_whitelist(wl: &Whitelist) -> Result<(), String> {
+    for (bank, indices) in &wl.pcrs {
+        for (index, values) in indices {
+            if *index > tpm::MAX_PCR {
+                return Err(format!("PCR index {index} is outside 0-{}", tpm::MAX_PCR));
+            }
+            if values.is_empty() {
+                return Err(format!("PCR {index} ({bank}) lists no acceptable value"));
+            }
+            for v in values {
+                match hex::decode(v) {
+                    Ok(b) if b.len() == bank.digest_len() => {}
+                    _ => {
+                        return Err(format!(
+                            "PCR {index} ({bank}): {v:?} is not a {}-byte hex digest",
+                            bank.digest_len()
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The selection a challenge asks for, in TPM form.
+pub fn challenge_selection(map: &wire::PcrSelectionMap) -> PcrSelection {
+    wire::selection_from_map(map)
+}
