@@ -73,8 +73,6 @@ pub enum DecodeFailure {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureFailure {
-    #[error("quote was signed by {actual}, the host's AK is {expected}")]
-    SignerMismatch { expected: String, actual: String },
     #[error("signature scheme {scheme} with {hash} does not fit the AK")]
     SchemeMismatch { scheme: &'static str, hash: HashAlg },
     #[error("signatures over {0} are not accepted")]
@@ -148,7 +146,6 @@ impl Failure {
                 "pcr_value_malformed"
             }
             Failure::Decode(DecodeFailure::Ak(_)) => "ak_malformed",
-            Failure::Signature(SignatureFailure::SignerMismatch { .. }) => "signer_mismatch",
             Failure::Signature(SignatureFailure::SchemeMismatch { .. }) => {
                 "signature_scheme_mismatch"
             }
@@ -289,15 +286,10 @@ pub fn decode(evidence: &Evidence) -> Result<Decoded, DecodeFailure> {
     })
 }
 
-/// Step 2: the quote names the AK as its signer and the AK's signature holds.
+/// Step 2: the host's AK signed the quote. (The quote's qualifiedSigner is
+/// the AK's *qualified* name, which depends on its parent EK; the signature
+/// itself is what binds the quote to the AK.)
 pub fn check_signature(d: &Decoded, ak: &Public) -> Result<(), SignatureFailure> {
-    let ak_name = ak.name();
-    if d.attest.qualified_signer != ak_name {
-        return Err(SignatureFailure::SignerMismatch {
-            expected: hex::encode(&ak_name),
-            actual: hex::encode(&d.attest.qualified_signer),
-        });
-    }
     verify_signature(ak, &d.signature, &d.attest_bytes)
 }
 
@@ -343,10 +335,11 @@ pub fn verify_signature(
                 (true, HashAlg::Sha512) => &sig::RSA_PSS_2048_8192_SHA512,
                 _ => return Err(mismatch()),
             };
+            // ring wants both integers without leading zero bytes.
             let e = exponent.to_be_bytes();
             let key = sig::RsaPublicKeyComponents {
-                n: modulus.as_slice(),
-                e: &e[..],
+                n: strip_zeros(modulus),
+                e: strip_zeros(&e),
             };
             key.verify(params, message, s)
                 .map_err(|_| SignatureFailure::Invalid)
@@ -365,6 +358,11 @@ pub fn verify_signature(
         }
         _ => Err(mismatch()),
     }
+}
+
+fn strip_zeros(v: &[u8]) -> &[u8] {
+    let first = v.iter().position(|b| *b != 0).unwrap_or(v.len());
+    &v[first..]
 }
 
 /// TPMs may drop leading zero bytes of ECC coordinates and signature halves.
