@@ -1,1 +1,160 @@
+//! A local trusted pool for end-to-end tests: a development PKI written by
+//! `attestctl init`, the attestation server in-process on a port-0 listener
+//! (SQLite in a temporary directory), and helpers to reach it with each
+//! role's certificate. TPMs are real swtpm instances from `test-support`.
 
+use anyhow::{Context, Result};
+use attestation_server::config::ServerConfig;
+use attestation_server::ctl::{self, InitArgs};
+use attestation_server::AppState;
+use proto::client::{ApiClient, TlsFiles};
+use proto::wire::HostTrust;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Pool {
+    /// Write a pool for `hosts` (with their TCTIs) and start its server.
+    /// `tune` may adjust the server configuration before it starts.
+    pub async fn start(
+        hosts: &[(&str, String)],
+        interval: u64,
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> Result<Pool> {
+        let dir = tempfile::tempdir()?;
+        ctl::init(&InitArgs {
+            out: dir.path().to_path_buf(),
+            // Rewritten below: the server binds port 0.
+            server_port: 1,
+            hosts: hosts.iter().map(|(h, _)| h.to_string()).collect(),
+            tctis: hosts.iter().map(|(_, t)| t.clone()).collect(),
+            interval,
+            force: false,
+        })?;
+        let mut config = ServerConfig::load(Some(&dir.path().join("server.toml")))?;
+        tune(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+        config.listen = listener.local_addr()?;
+        let state = AppState::new(config).await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let st = state.clone();
+        let server = tokio::spawn(async move {
+            let _ = attestation_server::serve(listener, st, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Pool {
+            dir,
+            url,
+            state,
+            stop: Some(stop),
+            server: Some(server),
+        })
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    pub fn files(&self, name: &str) -> TlsFiles {
+        TlsFiles {
+            ca: self.path("ca.pem"),
+            cert: self.path(&format!("{name}.pem")),
+            key: self.path(&format!("{name}.key")),
+        }
+    }
+
+    /// An API client with the certificate `name` (`admin`, `scheduler`, `agent-HOST`).
+    pub fn client(&self, name: &str) -> Result<ApiClient> {
+        Ok(ApiClient::new(
+            &self.url,
+            &self.files(name),
+            Duration::from_secs(10),
+        )?)
+    }
+
+    /// The agent configuration `attestctl init` wrote, pointed at this server.
+    pub fn agent_config(&self, host: &str) -> Result<host_agent::AgentConfig> {
+        let mut c = host_agent::config::load(Some(&self.path(&format!("agent-{host}.toml"))))?;
+        c.server_url = self.url.clone();
+        Ok(c)
+    }
+
+    pub async fn trust(&self, host: &str) -> Result<HostTrust> {
+        Ok(self
+            .client("admin")?
+            .get(&format!("/v1/hosts/{host}/trust"))
+            .await?)
+    }
+
+    /// Poll the host's verdict until `pred` holds (bounded wait).
+    pub async fn wait_for(
+        &self,
+        host: &str,
+        what: &str,
+        pred: impl Fn(&HostTrust) -> bool,
+    ) -> Result<HostTrust> {
+        let mut last = None;
+        for _ in 0..600 {
+            if let Ok(t) = self.trust(host).await {
+                if pred(&t) {
+                    return Ok(t);
+                }
+                last = Some(t);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("host {host} never reached: {what}; last verdict {last:?}")
+    }
+
+    /// Every audit event in the JSON-lines file, once the deliverer caught up.
+    pub async fn audit_events(&self) -> Result<Vec<serde_json::Value>> {
+        let path = self.path("audit.jsonl");
+        let stored = self.state.store.events_after(0, i64::MAX).await?.len();
+        for _ in 0..100 {
+            let lines = read_lines(&path).unwrap_or_default();
+            if lines.len() >= stored {
+                return lines
+                    .iter()
+                    .map(|l| serde_json::from_str(l).context("audit line is not JSON"))
+                    .collect();
+            }
+            self.state.audit_wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("audit file never caught up with {stored} stored events")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.server.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+fn read_lines(path: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.lines().map(str::to_string).collect())
+}
+
+/// Events about `host` that are attestations, in order.
+pub fn attestations<'a>(events: &'a [serde_json::Value], host: &str) -> Vec<&'a serde_json::Value> {
+    events
+        .iter()
+        .filter(|e| e["action"] == "evaluate" && e["target"]["name"] == host)
+        .collect()
+}
