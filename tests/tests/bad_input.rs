@@ -1,0 +1,337 @@
+//! Bad input against a running server, with genuine quotes from a real
+//! swtpm: every case gets a clear 4xx with a stable code, is audited as a
+//! failed attestation where the host is known, never leaves the host
+//! trusted, and leaves the server serving (a genuine quote afterwards is
+//! trusted again).
+
+use base64::Engine;
+use e2e_tests::{attestations, Pool};
+use host_agent::tpm::Tpm;
+use host_agent::AkType;
+use proto::client::{ApiClient, ClientError};
+use proto::wire::{Challenge, EnrollRequest, EnrollResponse, Evidence, HostTrust, Trust};
+use proto::HashAlg;
+use std::time::Duration;
+use test_support::SwTpm;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+struct Host {
+    api: ApiClient,
+    tpm: Tpm,
+}
+
+impl Host {
+    async fn challenge(&self) -> Challenge {
+        self.api
+            .post("/v1/agents/node1/challenge", &serde_json::json!({}))
+            .await
+            .expect("challenge")
+    }
+
+    /// A genuine quote answering `ch`, optionally over another selection.
+    async fn evidence(
+        &self,
+        ch: &Challenge,
+        selection: Option<&proto::wire::PcrSelectionMap>,
+    ) -> Evidence {
+        let nonce = hex::decode(&ch.nonce).expect("hex nonce");
+        let q = self
+            .tpm
+            .quote(&nonce, selection.unwrap_or(&ch.pcr_selection))
+            .await
+            .expect("quote");
+        Evidence {
+            nonce: ch.nonce.clone(),
+            attest: B64.encode(&q.attest),
+            signature: B64.encode(&q.signature),
+            pcrs: q.pcrs,
+        }
+    }
+
+    async fn submit(&self, ev: &Evidence) -> Result<HostTrust, ClientError> {
+        self.api.post("/v1/agents/node1/evidence", ev).await
+    }
+
+    /// A fresh, genuine round: must be trusted.
+    async fn genuine_round(&self) {
+        let ch = self.challenge().await;
+        let v = self
+            .submit(&self.evidence(&ch, None).await)
+            .await
+            .expect("genuine evidence");
+        assert_eq!(v.trust, Trust::Trusted, "{v:?}");
+    }
+}
+
+fn expect_code(result: Result<HostTrust, ClientError>, status: u16, code: &str) {
+    match result {
+        Err(ClientError::Api {
+            status: s,
+            code: c,
+            message,
+        }) => {
+            assert_eq!((s, c.as_str()), (status, code), "{message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected {status} {code}, got {other:?}"),
+    }
+}
+
+async fn assert_untrusted_by(pool: &Pool, step: &str, code: &str) {
+    let t = pool.trust("node1").await.expect("trust");
+    assert_eq!(t.trust, Trust::Untrusted, "after {code}: {t:?}");
+    assert_eq!(
+        (t.reasons[0].step.as_str(), t.reasons[0].code.as_str()),
+        (step, code)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<()> {
+    test_support::require_tools()?;
+    let swtpm = SwTpm::start()?;
+    let pool = Pool::start(
+        &[
+            ("node1", swtpm.tcti()),
+            ("node2", "device:/dev/null".into()),
+        ],
+        30,
+        |c| {
+            c.challenge_ttl_secs = 2;
+            c.max_body_bytes = 16 * 1024;
+        },
+    )
+    .await?;
+    let state = tempfile::tempdir()?;
+    let host = Host {
+        api: pool.client("agent-node1")?,
+        tpm: Tpm::start(&swtpm.tcti(), AkType::Ecc, state.path())?,
+    };
+    let ak = host.tpm.ensure_ak().await?;
+    let enrolled: EnrollResponse = host
+        .api
+        .post(
+            "/v1/agents/node1/enroll",
+            &EnrollRequest {
+                ak_public: B64.encode(&ak.public),
+            },
+        )
+        .await?;
+    assert_eq!(enrolled.ak_name, hex::encode(&ak.name));
+    // Trusted baseline.
+    let ch = host.challenge().await;
+    host.submit(&host.evidence(&ch, None).await).await?;
+    let admin = pool.client("admin")?;
+    let _: serde_json::Value = admin
+        .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
+        .await?;
+    host.genuine_round().await;
+
+    // Garbage and truncated quote bytes.
+    let ch = host.challenge().await;
+    let mut ev = host.evidence(&ch, None).await;
+    let raw = B64.decode(&ev.attest)?;
+    ev.attest = B64.encode(&raw[..raw.len() / 2]);
+    expect_code(host.submit(&ev).await, 400, "attest_malformed");
+    assert_untrusted_by(&pool, "decode", "attest_malformed").await;
+    host.genuine_round().await;
+    let ch = host.challenge().await;
+    let mut ev = host.evidence(&ch, None).await;
+    ev.attest = B64.encode(b"\xff\x54\x43\x47 garbage");
+    expect_code(host.submit(&ev).await, 400, "attest_malformed");
+    host.genuine_round().await;
+
+    // A wrong signature.
+    let ch = host.challenge().await;
+    let mut ev = host.evidence(&ch, None).await;
+    let mut sig = B64.decode(&ev.signature)?;
+    let n = sig.len();
+    sig[n - 3] ^= 0x40;
+    ev.signature = B64.encode(&sig);
+    expect_code(host.submit(&ev).await, 422, "signature_invalid");
+    assert_untrusted_by(&pool, "signature", "signature_invalid").await;
+    host.genuine_round().await;
+
+    // A replayed nonce: the same genuine evidence twice.
+    let ch = host.challenge().await;
+    let ev = host.evidence(&ch, None).await;
+    assert_eq!(host.submit(&ev).await?.trust, Trust::Trusted);
+    expect_code(host.submit(&ev).await, 422, "nonce_replayed");
+    assert_untrusted_by(&pool, "nonce", "nonce_replayed").await;
+    host.genuine_round().await;
+
+    // An expired nonce (challenge_ttl_secs = 2).
+    let ch = host.challenge().await;
+    let ev = host.evidence(&ch, None).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    expect_code(host.submit(&ev).await, 422, "nonce_expired");
+    host.genuine_round().await;
+
+    // A nonce issued to another host.
+    let node2 = pool.client("agent-node2")?;
+    let _: EnrollResponse = node2
+        .post(
+            "/v1/agents/node2/enroll",
+            &EnrollRequest {
+                ak_public: B64.encode(&ak.public),
+            },
+        )
+        .await?;
+    let ch2: Challenge = node2
+        .post("/v1/agents/node2/challenge", &serde_json::json!({}))
+        .await?;
+    let ev = host.evidence(&ch2, None).await;
+    expect_code(host.submit(&ev).await, 422, "nonce_other_host");
+    // ...which did not consume node2's nonce.
+    let still: Result<HostTrust, _> = node2.post("/v1/agents/node2/evidence", &ev).await;
+    assert!(
+        !matches!(&still, Err(ClientError::Api { code, .. }) if code == "nonce_replayed"),
+        "{still:?}"
+    );
+    host.genuine_round().await;
+
+    // A PCR selection other than the one asked for.
+    let ch = host.challenge().await;
+    let fewer: proto::wire::PcrSelectionMap =
+        [(HashAlg::Sha256, (0..=9).collect())].into_iter().collect();
+    let ev = host.evidence(&ch, Some(&fewer)).await;
+    expect_code(host.submit(&ev).await, 422, "pcr_selection_mismatch");
+    assert_untrusted_by(&pool, "pcr_selection", "pcr_selection_mismatch").await;
+    host.genuine_round().await;
+
+    // Doctored PCR values (a real quote, values changed to please a whitelist).
+    swtpm.pcr_extend(4, "sha256", &"44".repeat(32))?;
+    let ch = host.challenge().await;
+    let mut ev = host.evidence(&ch, None).await;
+    ev.pcrs
+        .get_mut(&HashAlg::Sha256)
+        .expect("bank")
+        .insert(4, "00".repeat(32));
+    expect_code(host.submit(&ev).await, 422, "pcr_digest_mismatch");
+    assert_untrusted_by(&pool, "pcr_digest", "pcr_digest_mismatch").await;
+    // The honest quote of the extended PCR 4 is untrusted by the whitelist.
+    let ch = host.challenge().await;
+    let v = host.submit(&host.evidence(&ch, None).await).await?;
+    assert_eq!(
+        (v.trust, v.reasons[0].code.as_str()),
+        (Trust::Untrusted, "pcr_not_whitelisted")
+    );
+    let _: serde_json::Value = admin
+        .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
+        .await?;
+    host.genuine_round().await;
+
+    // Evidence for another host than the certificate's: refused, audited,
+    // and node2's state untouched.
+    let before = pool.trust("node2").await?;
+    let ch = host.challenge().await;
+    let ev = host.evidence(&ch, None).await;
+    let r: Result<HostTrust, _> = host.api.post("/v1/agents/node2/evidence", &ev).await;
+    expect_code(r, 403, "host_mismatch");
+    assert_eq!(pool.trust("node2").await?, before);
+
+    // Unknown JSON fields.
+    let mut body = serde_json::to_value(&ev)?;
+    body["trusted"] = serde_json::json!(true);
+    let r: Result<HostTrust, _> = host.api.post("/v1/agents/node1/evidence", &body).await;
+    expect_code(r, 400, "invalid_body");
+    assert_untrusted_by(&pool, "decode", "invalid_body").await;
+
+    // A body over the size limit (16 KiB here).
+    let mut body = serde_json::to_value(&ev)?;
+    body["attest"] = serde_json::json!("A".repeat(20 * 1024));
+    let r: Result<HostTrust, _> = host.api.post("/v1/agents/node1/evidence", &body).await;
+    expect_code(r, 413, "body_too_large");
+    host.genuine_round().await;
+
+    // No client certificate: a clear 401.
+    let anonymous = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots(&pool.path("ca.pem"))?)
+            .with_no_client_auth(),
+        )
+        .build()?;
+    let resp = anonymous
+        .post(format!("{}/v1/agents/node1/evidence", pool.url))
+        .json(&ev)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: proto::wire::ErrorBody = resp.json().await?;
+    assert_eq!(body.error.code, "client_certificate_required");
+
+    // A certificate from another CA (a look-alike pool): the handshake fails.
+    let other = tempfile::tempdir()?;
+    attestation_server::ctl::init(&attestation_server::ctl::InitArgs {
+        out: other.path().into(),
+        server_port: 1,
+        hosts: vec!["node1".into()],
+        tctis: vec![],
+        interval: 30,
+        force: false,
+    })?;
+    let impostor = ApiClient::new(
+        &pool.url,
+        &proto::client::TlsFiles {
+            ca: pool.path("ca.pem"),
+            cert: other.path().join("agent-node1.pem"),
+            key: other.path().join("agent-node1.key"),
+        },
+        Duration::from_secs(5),
+    )?;
+    let r: Result<Challenge, _> = impostor
+        .post("/v1/agents/node1/challenge", &serde_json::json!({}))
+        .await;
+    assert!(matches!(r, Err(ClientError::Transport { .. })), "{r:?}");
+
+    // The server is still serving and node1 is trusted again.
+    host.genuine_round().await;
+
+    // Every refused piece of evidence for node1 was audited as a failure.
+    let events = pool.audit_events().await?;
+    let codes: Vec<&str> = attestations(&events, "node1")
+        .iter()
+        .filter(|e| e["outcome"] == "failure")
+        .filter_map(|e| e["reason"]["reasonCode"].as_str())
+        .collect();
+    for code in [
+        "attest_malformed",
+        "signature_invalid",
+        "nonce_replayed",
+        "nonce_expired",
+        "nonce_other_host",
+        "pcr_selection_mismatch",
+        "pcr_digest_mismatch",
+        "invalid_body",
+        "body_too_large",
+    ] {
+        assert!(
+            codes.contains(&code),
+            "no audit event with {code}: {codes:?}"
+        );
+    }
+    let mismatch = attestations(&events, "node2")
+        .into_iter()
+        .find(|e| e["reason"]["reasonCode"] == "host_mismatch")
+        .expect("the attempt on node2 is audited");
+    assert_eq!(mismatch["initiator"]["name"], "node1");
+    assert_eq!(mismatch["outcome"], "failure");
+
+    host.tpm.shutdown().await;
+    pool.stop().await;
+    Ok(())
+}
+
+fn roots(ca: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
+    use rustls_pki_types::pem::PemObject;
+    let mut store = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+        store.add(c?)?;
+    }
+    Ok(store)
+}
