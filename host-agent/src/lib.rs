@@ -1,1 +1,17 @@
+//! Host agent of the trusted compute pool: reads the host's TPM 2.0 through
+//! tss-esapi and attests to the attestation server over mutual TLS.
+//!
+//! - [`config`]: the agent's configuration ([`AgentConfig`], [`config::load`]).
+//! - [`tpm`]: the TPM worker thread (AK creation and reuse, quotes).
+//! - [`agent`]: enrollment and the attestation loop ([`run`], [`Agent`]).
+#![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod backoff;
+pub mod config;
+pub mod error;
+pub mod tpm;
+
+pub use agent::{run, termination_signal, Agent};
+pub use config::{AgentConfig, AkType};
+pub use error::Error;

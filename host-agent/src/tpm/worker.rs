@@ -1,0 +1,479 @@
+//! The TPM worker: the one thread that talks to the TPM. Every request opens
+//! its own TCTI connection and closes it when done, because a simulator (and
+//! a TPM without a resource manager) serves one client at a time and other
+//! tools must get their turn between attestations.
+
+use super::ak_store::{self, AkBlobs, AkStore};
+use super::{pcr, AkInfo, Quote};
+use crate::config::AkType;
+use crate::error::Error;
+use proto::tpm::{pcr_digest, Attest, KeyScheme, PublicKey};
+use proto::wire::PcrValues;
+use proto::HashAlg;
+use std::path::Path;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+use tss_esapi::abstraction::{ak, ek, DefaultKey};
+use tss_esapi::handles::{KeyHandle, ObjectHandle};
+use tss_esapi::interface_types::algorithm::{
+    AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
+};
+use tss_esapi::structures::{Data, Private, Public, PublicBuffer, SignatureScheme};
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::{Context, TctiNameConf};
+
+/// How often a quote is taken again when a PCR was extended between the
+/// quote and the read of the values.
+pub const QUOTE_ATTEMPTS: u32 = 3;
+
+pub(crate) enum Request {
+    EnsureAk {
+        reply: oneshot::Sender<Result<AkInfo, Error>>,
+    },
+    Quote {
+        nonce: Vec<u8>,
+        selection: pcr::Selection,
+        reply: oneshot::Sender<Result<Quote, Error>>,
+    },
+}
+
+/// An AK ready for use: the blobs plus what was derived from them.
+struct LoadedBlobs {
+    blobs: AkBlobs,
+    private: Private,
+    public: Public,
+    name: Vec<u8>,
+}
+
+pub(crate) struct Worker {
+    tcti: TctiNameConf,
+    ak_type: AkType,
+    store: AkStore,
+    ak: Option<LoadedBlobs>,
+}
+
+impl Worker {
+    pub fn new(tcti: TctiNameConf, ak_type: AkType, state_dir: &Path) -> Self {
+        Self {
+            tcti,
+            ak_type,
+            store: AkStore::new(state_dir, ak_type),
+            ak: None,
+        }
+    }
+
+    /// Serve requests until every sender is gone.
+    pub fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        while let Some(request) = requests.blocking_recv() {
+            match request {
+                Request::EnsureAk { reply } => {
+                    let result = self.guarded("ensure AK", |w| w.ensure_ak());
+                    // The requester may have given up (shutdown); that is fine.
+                    let _ = reply.send(result);
+                }
+                Request::Quote {
+                    nonce,
+                    selection,
+                    reply,
+                } => {
+                    let result = self.guarded("quote", |w| w.quote(&nonce, &selection));
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        debug!("TPM worker stopped");
+    }
+
+    /// Run one request, turning a panic inside the TSS bindings into an
+    /// error so that one bad answer does not take the agent down.
+    fn guarded<T>(
+        &mut self,
+        operation: &'static str,
+        f: impl FnOnce(&mut Self) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        outcome.unwrap_or_else(|_| {
+            // The cached AK may be half-updated; load it again next time.
+            self.ak = None;
+            Err(Error::tpm(operation, "the TSS library panicked"))
+        })
+    }
+
+    fn open(&self) -> Result<Context, Error> {
+        Context::new(self.tcti.clone()).map_err(|e| Error::tpm("connect", e))
+    }
+
+    fn sign_alg(&self) -> SignatureSchemeAlgorithm {
+        match self.ak_type {
+            AkType::Rsa => SignatureSchemeAlgorithm::RsaSsa,
+            AkType::Ecc => SignatureSchemeAlgorithm::EcDsa,
+        }
+    }
+
+    fn ensure_ak(&mut self) -> Result<AkInfo, Error> {
+        let mut ctx = self.open()?;
+        let ek = create_ek(&mut ctx)?;
+        let outcome = with_flush(&mut ctx, ek.into(), "EK", |ctx| {
+            match self.store.read() {
+                Ok(Some(blobs)) => match self.load_stored(ctx, ek, blobs) {
+                    Ok(loaded) => return Ok((loaded, false)),
+                    Err(e) => warn!(
+                        error = %e,
+                        file = %self.store.public_path().display(),
+                        "the stored AK cannot be used; creating a new one"
+                    ),
+                },
+                Ok(None) => info!(
+                    file = %self.store.public_path().display(),
+                    "no stored AK; creating one"
+                ),
+                Err(e) => warn!(error = %e, "the stored AK is unreadable; creating a new one"),
+            }
+            let loaded = self.create(ctx, ek)?;
+            self.store.write(&loaded.blobs)?;
+            Ok((loaded, true))
+        });
+        drop(ctx);
+        let (loaded, created) = outcome?;
+        let info = AkInfo {
+            ak_type: self.ak_type,
+            public: loaded.blobs.public.clone(),
+            name: loaded.name.clone(),
+            created,
+        };
+        info!(
+            ak_type = self.ak_type.name(),
+            name = %hex::encode(&info.name),
+            created,
+            "AK ready"
+        );
+        self.ak = Some(loaded);
+        Ok(info)
+    }
+
+    /// Check stored blobs by loading them under the EK.
+    fn load_stored(
+        &self,
+        ctx: &mut Context,
+        ek: KeyHandle,
+        blobs: AkBlobs,
+    ) -> Result<LoadedBlobs, Error> {
+        let private = Private::try_from(ak_store::tpm2b_payload(&blobs.private).to_vec())
+            .map_err(|e| Error::tpm("load AK", e))?;
+        let public_buf =
+            PublicBuffer::unmarshall(&blobs.public).map_err(|e| Error::tpm("load AK", e))?;
+        let public = Public::try_from(public_buf).map_err(|e| Error::tpm("load AK", e))?;
+        self.check_public(&blobs.public)?;
+        let handle = load_ak(ctx, ek, &private, &public)?;
+        let name = with_flush(ctx, handle.into(), "AK", |ctx| {
+            checked_name(ctx, handle, &blobs)
+        })?;
+        Ok(LoadedBlobs {
+            blobs,
+            private,
+            public,
+            name,
+        })
+    }
+
+    fn create(&self, ctx: &mut Context, ek: KeyHandle) -> Result<LoadedBlobs, Error> {
+        let created = ak::create_ak(
+            ctx,
+            ek,
+            HashingAlgorithm::Sha256,
+            self.sign_alg(),
+            None,
+            DefaultKey,
+        )
+        .map_err(|e| Error::tpm("create AK", e))?;
+        let public_bytes = PublicBuffer::try_from(created.out_public.clone())
+            .and_then(|b| b.marshall())
+            .map_err(|e| Error::tpm("create AK", e))?;
+        let blobs = AkBlobs {
+            private: ak_store::to_tpm2b(created.out_private.value())?,
+            public: public_bytes,
+        };
+        self.check_public(&blobs.public)?;
+        // Load it once: proves the blobs work and gives the TPM's own name.
+        let handle = load_ak(ctx, ek, &created.out_private, &created.out_public)?;
+        let name = with_flush(ctx, handle.into(), "AK", |ctx| {
+            checked_name(ctx, handle, &blobs)
+        })?;
+        Ok(LoadedBlobs {
+            blobs,
+            private: created.out_private,
+            public: created.out_public,
+            name,
+        })
+    }
+
+    /// The public area must decode with the server's decoder and be the
+    /// key type and scheme this agent is configured for.
+    fn check_public(&self, tpm2b_public: &[u8]) -> Result<(), Error> {
+        let public = proto::tpm::Public::decode(tpm2b_public)
+            .map_err(|e| Error::tpm("check AK public area", e))?;
+        let fits = match (self.ak_type, &public.key, public.scheme) {
+            (AkType::Rsa, PublicKey::Rsa { key_bits, .. }, KeyScheme::RsaSsa(HashAlg::Sha256)) => {
+                *key_bits == 2048
+            }
+            (
+                AkType::Ecc,
+                PublicKey::Ecc {
+                    curve: proto::tpm::EccCurve::NistP256,
+                    ..
+                },
+                KeyScheme::Ecdsa(HashAlg::Sha256),
+            ) => true,
+            _ => false,
+        };
+        let restricted_signing = public.has(proto::tpm::attr::RESTRICTED)
+            && public.has(proto::tpm::attr::SIGN_ENCRYPT)
+            && !public.has(proto::tpm::attr::DECRYPT);
+        if !fits || !restricted_signing {
+            return Err(Error::tpm(
+                "check AK public area",
+                format!(
+                    "not a restricted {} signing key with the expected scheme",
+                    self.ak_type.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn quote(&mut self, nonce: &[u8], selection: &pcr::Selection) -> Result<Quote, Error> {
+        let qualifying = Data::try_from(nonce.to_vec()).map_err(|_| Error::Challenge {
+            field: "nonce",
+            problem: format!("{} bytes is more than the TPM accepts", nonce.len()),
+        })?;
+        let list = pcr::selection_list(selection)?;
+        if self.ak.is_none() {
+            self.ensure_ak()?;
+        }
+        let Some(loaded) = self.ak.as_ref() else {
+            return Err(Error::tpm("quote", "no AK"));
+        };
+        let mut ctx = self.open()?;
+        let ek = create_ek(&mut ctx)?;
+        // Once loaded, the AK no longer needs its parent: free the slot.
+        let handle = with_flush(&mut ctx, ek.into(), "EK", |ctx| {
+            load_ak(ctx, ek, &loaded.private, &loaded.public)
+        });
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                // The TPM may have been cleared: let the next ensure decide.
+                self.ak = None;
+                return Err(e);
+            }
+        };
+        with_flush(&mut ctx, handle.into(), "AK", |ctx| {
+            for attempt in 1..=QUOTE_ATTEMPTS {
+                let (attest, signature) = ctx
+                    .execute_with_nullauth_session(|ctx| {
+                        ctx.quote(
+                            handle,
+                            qualifying.clone(),
+                            SignatureScheme::Null,
+                            list.clone(),
+                        )
+                    })
+                    .map_err(|e| Error::tpm("quote", e))?;
+                let values = pcr::read(ctx, selection)?;
+                let attest = attest.marshall().map_err(|e| Error::tpm("quote", e))?;
+                let signature = signature.marshall().map_err(|e| Error::tpm("quote", e))?;
+                if quote_matches(&attest, &signature, nonce, selection, &values)? {
+                    return Ok(Quote {
+                        attest,
+                        signature,
+                        pcrs: to_wire(&values),
+                        attempts: attempt,
+                    });
+                }
+                debug!(
+                    attempt,
+                    "a PCR changed between quote and read; quoting again"
+                );
+            }
+            Err(Error::tpm(
+                "quote",
+                format!("PCR values kept changing ({QUOTE_ATTEMPTS} attempts)"),
+            ))
+        })
+    }
+}
+
+fn create_ek(ctx: &mut Context) -> Result<KeyHandle, Error> {
+    // The default RSA-2048 EK template always yields the same key from the
+    // endorsement seed, so AK blobs made under it load again later.
+    ek::create_ek_object(ctx, AsymmetricAlgorithm::Rsa, DefaultKey)
+        .map_err(|e| Error::tpm("create EK", e))
+}
+
+fn load_ak(
+    ctx: &mut Context,
+    ek: KeyHandle,
+    private: &Private,
+    public: &Public,
+) -> Result<KeyHandle, Error> {
+    ak::load_ak(ctx, ek, None, private.clone(), public.clone())
+        .map_err(|e| Error::tpm("load AK", e))
+}
+
+/// The TPM's name for the loaded AK, which must equal the name the server
+/// computes from the public area (proto's decoder).
+fn checked_name(ctx: &mut Context, handle: KeyHandle, blobs: &AkBlobs) -> Result<Vec<u8>, Error> {
+    let tpm_name = ctx
+        .tr_get_name(handle.into())
+        .map_err(|e| Error::tpm("read AK name", e))?;
+    let public = proto::tpm::Public::decode(&blobs.public)
+        .map_err(|e| Error::tpm("check AK public area", e))?;
+    let name = public.name();
+    if tpm_name.value() != name.as_slice() {
+        return Err(Error::tpm(
+            "read AK name",
+            "the TPM's name differs from the name of the stored public area",
+        ));
+    }
+    Ok(name)
+}
+
+/// Run `f`, then flush the transient `handle` whatever `f` returned.
+fn with_flush<T>(
+    ctx: &mut Context,
+    handle: ObjectHandle,
+    what: &'static str,
+    f: impl FnOnce(&mut Context) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let outcome = f(ctx);
+    if let Err(e) = ctx.flush_context(handle) {
+        // The result is still good; the TPM may run out of object slots.
+        warn!(object = what, error = %e, "cannot flush transient object");
+    }
+    outcome
+}
+
+/// Whether the attest is a quote over `nonce` and `selection` whose PCR
+/// digest matches `values`. A digest mismatch means a PCR changed between
+/// the quote and the read (false: quote again); anything else is an error.
+fn quote_matches(
+    attest: &[u8],
+    signature: &[u8],
+    nonce: &[u8],
+    selection: &pcr::Selection,
+    values: &pcr::Values,
+) -> Result<bool, Error> {
+    let decoded = Attest::decode(attest).map_err(|e| Error::tpm("decode quote", e))?;
+    let sig =
+        proto::tpm::Signature::decode(signature).map_err(|e| Error::tpm("decode quote", e))?;
+    if decoded.extra_data != nonce {
+        return Err(Error::tpm("quote", "the quote does not carry the nonce"));
+    }
+    let quoted: pcr::Selection = decoded.quote.pcr_select.normalized().into_iter().collect();
+    if &quoted != selection {
+        return Err(Error::tpm(
+            "quote",
+            "the TPM quoted another PCR selection than asked (is every bank allocated?)",
+        ));
+    }
+    let mut ordered: Vec<&[u8]> = Vec::new();
+    for (alg, pcrs) in &decoded.quote.pcr_select.banks {
+        for idx in pcrs {
+            let value = values
+                .get(alg)
+                .and_then(|bank| bank.get(idx))
+                .ok_or_else(|| Error::tpm("quote", format!("no value read for {alg} PCR {idx}")))?;
+            ordered.push(value);
+        }
+    }
+    Ok(pcr_digest(sig.hash(), ordered) == decoded.quote.pcr_digest)
+}
+
+fn to_wire(values: &pcr::Values) -> PcrValues {
+    values
+        .iter()
+        .map(|(alg, bank)| {
+            (
+                *alg,
+                bank.iter().map(|(idx, v)| (*idx, hex::encode(v))).collect(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::tpm::{ClockInfo, PcrSelection, QuoteInfo, Signature};
+
+    fn selection() -> pcr::Selection {
+        [(HashAlg::Sha256, [0u8, 7].into_iter().collect())].into()
+    }
+
+    fn values(pcr7: u8) -> pcr::Values {
+        [(
+            HashAlg::Sha256,
+            [(0u8, vec![0u8; 32]), (7u8, vec![pcr7; 32])].into(),
+        )]
+        .into()
+    }
+
+    fn attest(nonce: &[u8], quoted_values: &pcr::Values, banks: &pcr::Selection) -> Vec<u8> {
+        let ordered: Vec<&[u8]> = quoted_values[&HashAlg::Sha256]
+            .values()
+            .map(Vec::as_slice)
+            .collect();
+        Attest {
+            qualified_signer: vec![0; 34],
+            extra_data: nonce.to_vec(),
+            clock_info: ClockInfo::default(),
+            firmware_version: 1,
+            quote: QuoteInfo {
+                pcr_select: PcrSelection {
+                    banks: banks.iter().map(|(a, p)| (*a, p.clone())).collect(),
+                },
+                pcr_digest: pcr_digest(HashAlg::Sha256, ordered),
+            },
+        }
+        .encode()
+    }
+
+    fn signature() -> Vec<u8> {
+        Signature::RsaSsa {
+            hash: HashAlg::Sha256,
+            sig: vec![1; 256],
+        }
+        .encode()
+    }
+
+    #[test]
+    fn matching_quote_is_accepted() {
+        let nonce = [9u8; 20];
+        let a = attest(&nonce, &values(1), &selection());
+        assert!(quote_matches(&a, &signature(), &nonce, &selection(), &values(1)).unwrap());
+    }
+
+    #[test]
+    fn changed_pcr_asks_for_another_quote() {
+        let nonce = [9u8; 20];
+        let a = attest(&nonce, &values(1), &selection());
+        assert!(!quote_matches(&a, &signature(), &nonce, &selection(), &values(2)).unwrap());
+    }
+
+    #[test]
+    fn wrong_nonce_or_selection_is_an_error() {
+        let nonce = [9u8; 20];
+        let a = attest(&nonce, &values(1), &selection());
+        assert!(quote_matches(&a, &signature(), &[8u8; 20], &selection(), &values(1)).is_err());
+        let wider: pcr::Selection = [(HashAlg::Sha256, [0u8, 7, 8].into_iter().collect())].into();
+        assert!(quote_matches(&a, &signature(), &nonce, &wider, &values(1)).is_err());
+        assert!(quote_matches(&a[..10], &signature(), &nonce, &selection(), &values(1)).is_err());
+    }
+
+    #[test]
+    fn wire_values_are_hex() {
+        let wire = to_wire(&values(0xab));
+        assert_eq!(wire[&HashAlg::Sha256][&7], "ab".repeat(32));
+        assert_eq!(wire[&HashAlg::Sha256].len(), 2);
+    }
+}
