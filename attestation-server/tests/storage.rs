@@ -5,7 +5,9 @@
 //! Each run creates and drops its own database. Under CI=true a missing
 //! PostgreSQL fails the run; elsewhere the PostgreSQL half is skipped loudly.
 
-use attestation_server::store::{self, AttestationRecord, EnrollOutcome, NewChallenge, NewEvent, Store};
+use attestation_server::store::{
+    self, AttestationRecord, EnrollOutcome, NewChallenge, NewEvent, Store,
+};
 use chrono::{Duration, DurationRound, Utc};
 use proto::wire::{HostTrust, PcrValues, Reason, Trust, Whitelist};
 use proto::HashAlg;
@@ -22,33 +24,82 @@ fn event(host: &str, n: u32) -> NewEvent {
 }
 
 fn pcrs(v: &str) -> PcrValues {
-    [(HashAlg::Sha256, [(0u8, v.to_string()), (7u8, "11".repeat(32))].into_iter().collect())]
-        .into_iter()
-        .collect()
+    [(
+        HashAlg::Sha256,
+        [(0u8, v.to_string()), (7u8, "11".repeat(32))]
+            .into_iter()
+            .collect(),
+    )]
+    .into_iter()
+    .collect()
 }
 
 async fn suite(s: Arc<dyn Store>) {
     // Times are stored in microseconds.
-    let now = Utc::now().duration_trunc(Duration::microseconds(1)).unwrap();
+    let now = Utc::now()
+        .duration_trunc(Duration::microseconds(1))
+        .unwrap();
 
     // Hosts and AK pinning.
     assert!(s.register_host("n1", now).await.unwrap());
     assert!(!s.register_host("n1", now).await.unwrap());
     assert!(s.host("nobody").await.unwrap().is_none());
     let (ok, bad) = (event("n1", 1), event("n1", 2));
-    assert_eq!(s.enroll("n1", b"ak-1", "name-1", now, &ok, &bad).await.unwrap(), EnrollOutcome::Created);
-    assert_eq!(s.enroll("n1", b"ak-1", "name-1", now, &event("n1", 3), &event("n1", 4)).await.unwrap(), EnrollOutcome::Unchanged);
     assert_eq!(
-        s.enroll("n1", b"ak-2", "name-2", now, &event("n1", 5), &event("n1", 6)).await.unwrap(),
+        s.enroll("n1", b"ak-1", "name-1", now, &ok, &bad)
+            .await
+            .unwrap(),
+        EnrollOutcome::Created
+    );
+    assert_eq!(
+        s.enroll(
+            "n1",
+            b"ak-1",
+            "name-1",
+            now,
+            &event("n1", 3),
+            &event("n1", 4)
+        )
+        .await
+        .unwrap(),
+        EnrollOutcome::Unchanged
+    );
+    assert_eq!(
+        s.enroll(
+            "n1",
+            b"ak-2",
+            "name-2",
+            now,
+            &event("n1", 5),
+            &event("n1", 6)
+        )
+        .await
+        .unwrap(),
         EnrollOutcome::Conflict {
             enrolled_name: "name-1".into()
         }
     );
     let h = s.host("n1").await.unwrap().unwrap();
-    assert_eq!(h.ak_public.as_deref(), Some(&b"ak-1"[..]), "a conflicting enrollment changes nothing");
+    assert_eq!(
+        h.ak_public.as_deref(),
+        Some(&b"ak-1"[..]),
+        "a conflicting enrollment changes nothing"
+    );
     assert_eq!(h.registered_at, now);
     // Enrollment registers unknown hosts too.
-    assert_eq!(s.enroll("n2", b"ak-x", "name-x", now, &event("n2", 7), &event("n2", 8)).await.unwrap(), EnrollOutcome::Created);
+    assert_eq!(
+        s.enroll(
+            "n2",
+            b"ak-x",
+            "name-x",
+            now,
+            &event("n2", 7),
+            &event("n2", 8)
+        )
+        .await
+        .unwrap(),
+        EnrollOutcome::Created
+    );
 
     // Challenges: single use, never consumed by another host.
     let ch = NewChallenge {
@@ -60,14 +111,35 @@ async fn suite(s: Arc<dyn Store>) {
     };
     s.insert_challenge(&ch).await.unwrap();
     assert!(s.insert_challenge(&ch).await.is_err(), "nonces are unique");
-    let stolen = s.take_challenge(&ch.nonce, "n2", now).await.unwrap().unwrap();
+    let stolen = s
+        .take_challenge(&ch.nonce, "n2", now)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((stolen.host.as_str(), stolen.used_before), ("n1", false));
-    let first = s.take_challenge(&ch.nonce, "n1", now).await.unwrap().unwrap();
+    let first = s
+        .take_challenge(&ch.nonce, "n1", now)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!first.used_before);
     assert_eq!(first.expires_at, ch.expires_at);
-    assert_eq!(first.selection.banks, vec![(HashAlg::Sha256, [0u8, 7].into_iter().collect())]);
-    assert!(s.take_challenge(&ch.nonce, "n1", now).await.unwrap().unwrap().used_before);
-    assert!(s.take_challenge(&"bb".repeat(32), "n1", now).await.unwrap().is_none());
+    assert_eq!(
+        first.selection.banks,
+        vec![(HashAlg::Sha256, [0u8, 7].into_iter().collect())]
+    );
+    assert!(
+        s.take_challenge(&ch.nonce, "n1", now)
+            .await
+            .unwrap()
+            .unwrap()
+            .used_before
+    );
+    assert!(s
+        .take_challenge(&"bb".repeat(32), "n1", now)
+        .await
+        .unwrap()
+        .is_none());
 
     // Verdicts with their events, in one transaction.
     let verdict = HostTrust {
@@ -97,22 +169,30 @@ async fn suite(s: Arc<dyn Store>) {
     let h = s.host("n1").await.unwrap().unwrap();
     assert_eq!(h.verdict.as_ref(), Some(&verdict));
     assert_eq!(h.last_pcrs.as_ref(), Some(&values));
-    let found = s.verdicts(&["n1".into(), "n2".into(), "ghost".into()]).await.unwrap();
+    let found = s
+        .verdicts(&["n1".into(), "n2".into(), "ghost".into()])
+        .await
+        .unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found["n1"], verdict);
 
     // A whitelist change with its re-judged verdict.
     let wl = Whitelist {
-        pcrs: [(HashAlg::Sha256, [(0u8, vec!["00".repeat(32)])].into_iter().collect())]
-            .into_iter()
-            .collect(),
+        pcrs: [(
+            HashAlg::Sha256,
+            [(0u8, vec!["00".repeat(32)])].into_iter().collect(),
+        )]
+        .into_iter()
+        .collect(),
     };
     let trusted = HostTrust {
         trust: Trust::Trusted,
         reasons: vec![],
         ..verdict.clone()
     };
-    s.set_whitelist("n1", &wl, Some(&trusted), &event("n1", 10)).await.unwrap();
+    s.set_whitelist("n1", &wl, Some(&trusted), &event("n1", 10))
+        .await
+        .unwrap();
     let h = s.host("n1").await.unwrap().unwrap();
     assert_eq!(h.whitelist, Some(wl));
     assert_eq!(h.verdict, Some(trusted));
@@ -132,11 +212,20 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!(s.sink_cursor("file").await.unwrap(), all[2].0);
     assert_eq!(s.events_after(all[2].0, 2).await.unwrap().len(), 2);
     let n1_events = s.host_events("n1", 3).await.unwrap();
-    assert_eq!(n1_events, ["6", "9", "10"].map(|n| format!("{{\"n\":{n}}}")), "newest three, oldest first");
+    assert_eq!(
+        n1_events,
+        ["6", "9", "10"].map(|n| format!("{{\"n\":{n}}}")),
+        "newest three, oldest first"
+    );
 
     // Pruning removes only expired challenges.
     assert_eq!(s.prune_challenges(now).await.unwrap(), 0);
-    assert_eq!(s.prune_challenges(now + Duration::seconds(61)).await.unwrap(), 1);
+    assert_eq!(
+        s.prune_challenges(now + Duration::seconds(61))
+            .await
+            .unwrap(),
+        1
+    );
     s.ping().await.unwrap();
 }
 
@@ -152,7 +241,8 @@ async fn storage_suite_on_sqlite() {
 
 #[tokio::test]
 async fn storage_suite_on_postgres() {
-    let base = std::env::var("ATTEST_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let base = std::env::var("ATTEST_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let mut admin = match sqlx::PgConnection::connect(&base).await {
         Ok(c) => c,
         Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
@@ -162,7 +252,10 @@ async fn storage_suite_on_postgres() {
         Err(e) => panic!("PostgreSQL is required under CI=true: {base}: {e}"),
     };
     let db = format!("attest_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let url = match base.rsplit_once('/') {
         Some((server, _)) => format!("{server}/{db}"),
         None => panic!("ATTEST_TEST_PG_URL needs a database path"),
@@ -174,7 +267,10 @@ async fn storage_suite_on_postgres() {
         assert!(again.host("n1").await.unwrap().is_some());
     })
     .await;
-    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     if let Err(e) = result {
         std::panic::resume_unwind(e.into_panic());
     }

@@ -2,8 +2,8 @@
 //! fixture verifies, and each step fails on the input it exists to catch.
 
 use attestation_server::verify::{
-    self, DecodeFailure, DigestFailure, Expected, Failure, IssuedChallenge, NonceFailure, Policy, SelectionFailure,
-    SignatureFailure,
+    self, DecodeFailure, DigestFailure, Expected, Failure, IssuedChallenge, NonceFailure, Policy,
+    SelectionFailure, SignatureFailure,
 };
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
@@ -31,7 +31,10 @@ fn load(dir: &str, msg: &str, sig: &str) -> Fixture {
         ak: Public::decode(&read("ak.pub")).unwrap(),
         attest: Attest::decode(&attest_bytes).unwrap(),
         evidence: Evidence {
-            nonce: String::from_utf8(read("nonce.hex")).unwrap().trim().to_string(),
+            nonce: String::from_utf8(read("nonce.hex"))
+                .unwrap()
+                .trim()
+                .to_string(),
             attest: b64(attest_bytes),
             signature: b64(read(sig)),
             pcrs,
@@ -46,7 +49,9 @@ fn ours(kind: &str) -> Fixture {
 const KINDS: [&str; 3] = ["rsa", "rsapss", "ecc"];
 
 fn now() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z").unwrap().with_timezone(&Utc)
+    DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
 }
 
 fn challenge_for(f: &Fixture, host: &str) -> IssuedChallenge {
@@ -68,7 +73,12 @@ fn golden(pcrs: &PcrValues) -> Whitelist {
     }
 }
 
-fn run(f: &Fixture, ev: &Evidence, ch: Option<&IssuedChallenge>, wl: Option<&Whitelist>) -> Result<verify::Verified, Failure> {
+fn run(
+    f: &Fixture,
+    ev: &Evidence,
+    ch: Option<&IssuedChallenge>,
+    wl: Option<&Whitelist>,
+) -> Result<verify::Verified, Failure> {
     let expected = Expected {
         host: "node1",
         ak: &f.ak,
@@ -84,7 +94,10 @@ fn run(f: &Fixture, ev: &Evidence, ch: Option<&IssuedChallenge>, wl: Option<&Whi
 #[test]
 fn every_recorded_quote_verifies_and_is_trusted_against_its_own_values() {
     let mut all: Vec<(String, Fixture)> = KINDS.iter().map(|k| (k.to_string(), ours(k))).collect();
-    all.push(("keylime".into(), load("keylime", "quote.out", "quotesig.out")));
+    all.push((
+        "keylime".into(),
+        load("keylime", "quote.out", "quotesig.out"),
+    ));
     for (name, f) in &all {
         let ch = challenge_for(f, "node1");
         let wl = golden(&f.evidence.pcrs);
@@ -104,20 +117,34 @@ fn decode_step_refuses_garbage() {
         ev.attest = "not base64!".into();
         assert!(matches!(
             run(&f, &ev, Some(&ch), None),
-            Err(Failure::Decode(DecodeFailure::Encoding { field: "attest", .. }))
+            Err(Failure::Decode(DecodeFailure::Encoding {
+                field: "attest",
+                ..
+            }))
         ));
         let mut ev = f.evidence.clone();
-        let raw = base64::engine::general_purpose::STANDARD.decode(&ev.attest).unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&ev.attest)
+            .unwrap();
         ev.attest = base64::engine::general_purpose::STANDARD.encode(&raw[..raw.len() - 5]);
         let err = run(&f, &ev, Some(&ch), None).unwrap_err();
-        assert!(matches!(err, Failure::Decode(DecodeFailure::Attest(_))), "{kind}: {err}");
+        assert!(
+            matches!(err, Failure::Decode(DecodeFailure::Attest(_))),
+            "{kind}: {err}"
+        );
         assert_eq!(err.code(), "attest_malformed");
         let mut ev = f.evidence.clone();
         ev.signature = base64::engine::general_purpose::STANDARD.encode([0u8, 0x14, 0, 0x0b, 1]);
-        assert!(matches!(run(&f, &ev, Some(&ch), None), Err(Failure::Decode(DecodeFailure::Signature(_)))));
+        assert!(matches!(
+            run(&f, &ev, Some(&ch), None),
+            Err(Failure::Decode(DecodeFailure::Signature(_)))
+        ));
         let mut ev = f.evidence.clone();
         ev.pcrs.values_mut().next().unwrap().insert(3, "00".into());
-        assert!(matches!(run(&f, &ev, Some(&ch), None), Err(Failure::Decode(DecodeFailure::PcrLength { index: 3, .. }))));
+        assert!(matches!(
+            run(&f, &ev, Some(&ch), None),
+            Err(Failure::Decode(DecodeFailure::PcrLength { index: 3, .. }))
+        ));
     }
 }
 
@@ -127,7 +154,9 @@ fn signature_step_refuses_altered_quotes_and_foreign_keys() {
         let f = ours(kind);
         let ch = challenge_for(&f, "node1");
         // Flip one bit of the signature.
-        let mut sig = base64::engine::general_purpose::STANDARD.decode(&f.evidence.signature).unwrap();
+        let mut sig = base64::engine::general_purpose::STANDARD
+            .decode(&f.evidence.signature)
+            .unwrap();
         let last = sig.len() - 1;
         sig[last] ^= 1;
         let mut ev = f.evidence.clone();
@@ -139,7 +168,11 @@ fn signature_step_refuses_altered_quotes_and_foreign_keys() {
         attest.firmware_version ^= 1;
         let mut ev = f.evidence.clone();
         ev.attest = base64::engine::general_purpose::STANDARD.encode(attest.encode());
-        assert_eq!(run(&f, &ev, Some(&ch), None).unwrap_err(), Failure::Signature(SignatureFailure::Invalid), "{kind}");
+        assert_eq!(
+            run(&f, &ev, Some(&ch), None).unwrap_err(),
+            Failure::Signature(SignatureFailure::Invalid),
+            "{kind}"
+        );
     }
     // A quote from one TPM checked against the AK of another TPM.
     let rsa = ours("rsa");
@@ -148,17 +181,35 @@ fn signature_step_refuses_altered_quotes_and_foreign_keys() {
             ak: ours(other).ak,
             ..ours("rsa")
         };
-        let err = run(&foreign, &rsa.evidence, Some(&challenge_for(&rsa, "node1")), None).unwrap_err();
+        let err = run(
+            &foreign,
+            &rsa.evidence,
+            Some(&challenge_for(&rsa, "node1")),
+            None,
+        )
+        .unwrap_err();
         assert!(
-            matches!(err, Failure::Signature(SignatureFailure::SchemeMismatch { .. })),
+            matches!(
+                err,
+                Failure::Signature(SignatureFailure::SchemeMismatch { .. })
+            ),
             "{other}: {err}"
         );
     }
     // Same scheme, another TPM's key: the signature itself fails.
     let mut other_tpm = ours("rsapss").ak;
     other_tpm.scheme = proto::tpm::KeyScheme::RsaSsa(proto::HashAlg::Sha256);
-    let foreign = Fixture { ak: other_tpm, ..ours("rsa") };
-    let err = run(&foreign, &rsa.evidence, Some(&challenge_for(&rsa, "node1")), None).unwrap_err();
+    let foreign = Fixture {
+        ak: other_tpm,
+        ..ours("rsa")
+    };
+    let err = run(
+        &foreign,
+        &rsa.evidence,
+        Some(&challenge_for(&rsa, "node1")),
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err, Failure::Signature(SignatureFailure::Invalid));
 }
 
@@ -169,8 +220,14 @@ fn nonce_step_checks_origin_host_expiry_and_single_use() {
         let ch = challenge_for(&f, "node1");
         let mut ev = f.evidence.clone();
         ev.nonce = "00".repeat(32);
-        assert_eq!(run(&f, &ev, Some(&ch), None).unwrap_err(), Failure::Nonce(NonceFailure::NotQuoted));
-        assert_eq!(run(&f, &f.evidence, None, None).unwrap_err(), Failure::Nonce(NonceFailure::Unknown));
+        assert_eq!(
+            run(&f, &ev, Some(&ch), None).unwrap_err(),
+            Failure::Nonce(NonceFailure::NotQuoted)
+        );
+        assert_eq!(
+            run(&f, &f.evidence, None, None).unwrap_err(),
+            Failure::Nonce(NonceFailure::Unknown)
+        );
         let other = challenge_for(&f, "node2");
         assert_eq!(
             run(&f, &f.evidence, Some(&other), None).unwrap_err(),
@@ -182,7 +239,10 @@ fn nonce_step_checks_origin_host_expiry_and_single_use() {
             used_before: true,
             ..ch.clone()
         };
-        assert_eq!(run(&f, &f.evidence, Some(&used), None).unwrap_err(), Failure::Nonce(NonceFailure::Replayed));
+        assert_eq!(
+            run(&f, &f.evidence, Some(&used), None).unwrap_err(),
+            Failure::Nonce(NonceFailure::Replayed)
+        );
         let expired = IssuedChallenge {
             expires_at: now(),
             ..ch.clone()
@@ -200,12 +260,24 @@ fn selection_step_wants_exactly_the_requested_pcrs() {
         let mut ch = challenge_for(&f, "node1");
         ch.selection.banks[0].1.remove(&10);
         let err = run(&f, &f.evidence, Some(&ch), None).unwrap_err();
-        assert!(matches!(err, Failure::PcrSelection(SelectionFailure::QuoteDiffers { .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                Failure::PcrSelection(SelectionFailure::QuoteDiffers { .. })
+            ),
+            "{err}"
+        );
         let ch = challenge_for(&f, "node1");
         let mut ev = f.evidence.clone();
         ev.pcrs.values_mut().next().unwrap().remove(&10);
         let err = run(&f, &ev, Some(&ch), None).unwrap_err();
-        assert!(matches!(err, Failure::PcrSelection(SelectionFailure::ValuesDiffer { .. })), "{err}");
+        assert!(
+            matches!(
+                err,
+                Failure::PcrSelection(SelectionFailure::ValuesDiffer { .. })
+            ),
+            "{err}"
+        );
     }
 }
 
@@ -216,10 +288,17 @@ fn digest_step_catches_doctored_pcr_values() {
         let ch = challenge_for(&f, "node1");
         // Make PCR 7 look like a value a whitelist might want.
         let mut ev = f.evidence.clone();
-        ev.pcrs.values_mut().next().unwrap().insert(7, "00".repeat(32));
+        ev.pcrs
+            .values_mut()
+            .next()
+            .unwrap()
+            .insert(7, "00".repeat(32));
         let wl = golden(&ev.pcrs);
         let err = run(&f, &ev, Some(&ch), Some(&wl)).unwrap_err();
-        assert!(matches!(err, Failure::PcrDigest(DigestFailure::Mismatch { .. })), "{err}");
+        assert!(
+            matches!(err, Failure::PcrDigest(DigestFailure::Mismatch { .. })),
+            "{err}"
+        );
         assert_eq!(err.reason().step, "pcr_digest");
     }
 }
@@ -233,7 +312,10 @@ fn whitelist_step_names_the_failing_pcr_and_accepts_any_listed_value() {
         let actual7 = f.evidence.pcrs[&bank][&7].clone();
         let mut wl = golden(&f.evidence.pcrs);
         let other = "ab".repeat(32);
-        wl.pcrs.get_mut(&bank).unwrap().insert(7, vec![other.clone()]);
+        wl.pcrs
+            .get_mut(&bank)
+            .unwrap()
+            .insert(7, vec![other.clone()]);
         let v = run(&f, &f.evidence, Some(&ch), Some(&wl)).unwrap();
         assert_eq!(v.verdict.trust, Trust::Untrusted);
         assert_eq!(v.verdict.reasons.len(), 1);
@@ -242,8 +324,17 @@ fn whitelist_step_names_the_failing_pcr_and_accepts_any_listed_value() {
         assert_eq!(fault.expected, vec![other.clone()]);
         assert_eq!(fault.actual, Some(actual7.clone()));
         // Rolling upgrade: old and new value both acceptable.
-        wl.pcrs.get_mut(&bank).unwrap().insert(7, vec![other, actual7.to_uppercase()]);
-        assert_eq!(run(&f, &f.evidence, Some(&ch), Some(&wl)).unwrap().verdict.trust, Trust::Trusted);
+        wl.pcrs
+            .get_mut(&bank)
+            .unwrap()
+            .insert(7, vec![other, actual7.to_uppercase()]);
+        assert_eq!(
+            run(&f, &f.evidence, Some(&ch), Some(&wl))
+                .unwrap()
+                .verdict
+                .trust,
+            Trust::Trusted
+        );
         // No whitelist, or an empty one, is never trusted.
         for none in [None, Some(&Whitelist::default())] {
             let v = run(&f, &f.evidence, Some(&ch), none).unwrap();
@@ -259,9 +350,17 @@ fn whitelist_validation_refuses_bad_shapes() {
     let mut wl = golden(&f.evidence.pcrs);
     assert!(verify::validate_whitelist(&wl).is_ok());
     let bank = *wl.pcrs.keys().next().unwrap();
-    wl.pcrs.get_mut(&bank).unwrap().insert(24, vec!["00".repeat(32)]);
+    wl.pcrs
+        .get_mut(&bank)
+        .unwrap()
+        .insert(24, vec!["00".repeat(32)]);
     assert!(verify::validate_whitelist(&wl).unwrap_err().contains("24"));
     let mut wl = golden(&f.evidence.pcrs);
-    wl.pcrs.get_mut(&bank).unwrap().insert(1, vec!["00".repeat(20)]);
-    assert!(verify::validate_whitelist(&wl).unwrap_err().contains("32-byte"));
+    wl.pcrs
+        .get_mut(&bank)
+        .unwrap()
+        .insert(1, vec!["00".repeat(20)]);
+    assert!(verify::validate_whitelist(&wl)
+        .unwrap_err()
+        .contains("32-byte"));
 }
