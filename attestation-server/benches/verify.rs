@@ -5,6 +5,8 @@
 //!
 //! Run: `cargo bench -p attestation-server --bench verify`
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use attestation_server::verify::{self, Expected, IssuedChallenge, Policy};
 use base64::Engine;
 use chrono::{Duration, Utc};
@@ -16,7 +18,9 @@ use std::path::PathBuf;
 
 fn bench(c: &mut Criterion) {
     for (kind, label) in [("rsa", "rsa2048"), ("ecc", "ecc_p256")] {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/quotes").join(kind);
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/quotes")
+            .join(kind);
         let read = |f: &str| std::fs::read(dir.join(f)).expect("fixture");
         let ak = Public::decode(&read("ak.pub")).expect("ak");
         let msg = read("quote.msg");
@@ -25,7 +29,10 @@ fn bench(c: &mut Criterion) {
         let attest = Attest::decode(&msg).expect("attest");
         let b64 = base64::engine::general_purpose::STANDARD;
         let evidence = Evidence {
-            nonce: String::from_utf8(read("nonce.hex")).expect("nonce").trim().to_string(),
+            nonce: String::from_utf8(read("nonce.hex"))
+                .expect("nonce")
+                .trim()
+                .to_string(),
             attest: b64.encode(&msg),
             signature: b64.encode(&sig_bytes),
             pcrs: pcrs.clone(),
@@ -57,7 +64,10 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group(label);
         g.throughput(Throughput::Elements(1));
         g.bench_function("bare_signature", |b| {
-            b.iter(|| verify::verify_signature(black_box(&ak), black_box(&signature), black_box(&msg)).expect("valid"))
+            b.iter(|| {
+                verify::verify_signature(black_box(&ak), black_box(&signature), black_box(&msg))
+                    .expect("valid")
+            })
         });
         g.bench_function("full_verification", |b| {
             b.iter(|| verify::verify(black_box(&evidence), &expected, &policy, now).expect("valid"))

@@ -5,6 +5,8 @@
 //! Each run creates and drops its own database. Under CI=true a missing
 //! PostgreSQL fails the run; elsewhere the PostgreSQL half is skipped loudly.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use attestation_server::store::{
     self, AttestationRecord, EnrollOutcome, NewChallenge, NewEvent, Store,
 };

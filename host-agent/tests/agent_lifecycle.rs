@@ -3,6 +3,8 @@
 //! unreachable and stops cleanly on shutdown; the binary refuses a bad config
 //! with exit code 2 and exits 0 on SIGTERM.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use host_agent::config::AgentConfig;
 use host_agent::AkType;
 use proto::client::TlsFiles;

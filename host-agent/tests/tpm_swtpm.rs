@@ -3,6 +3,8 @@
 //! (tpm2-tools, an independent implementation), connection release between
 //! requests, and flushing of every transient object.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use host_agent::tpm::{AkInfo, Quote, Tpm};
 use host_agent::{AkType, Error};
 use proto::tpm::{attr, pcr_digest, Attest, EccCurve, KeyScheme, Public, PublicKey, Signature};

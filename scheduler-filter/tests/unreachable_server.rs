@@ -1,6 +1,8 @@
 //! With a valid TLS identity but no server listening, the filter must fail
 //! closed and say that the server is the problem.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 use proto::client::TlsFiles;
 use proto::wire::Trust;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
