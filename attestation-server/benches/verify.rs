@@ -54,6 +54,7 @@ fn bench(c: &mut Criterion) {
             host: "node1",
             ak: &ak,
             challenge: Some(&challenge),
+            last_clock: Some(attest.clock_info),
         };
         let policy = Policy {
             whitelist: Some(&whitelist),

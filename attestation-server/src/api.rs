@@ -3,7 +3,7 @@
 
 use crate::audit;
 use crate::error::Error;
-use crate::store::{AttestationRecord, EnrollOutcome, HostRecord, NewChallenge};
+use crate::store::{AttestationRecord, HostRecord, NewChallenge};
 use crate::tls::{ClientIdentity, Peer, Role};
 use crate::verify::{self, Expected, Failure, Policy};
 use crate::AppState;
@@ -11,12 +11,11 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Reque
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
-use proto::tpm::{attr, Public};
+use proto::tpm::Public;
 use proto::wire::{
-    Challenge, EnrollRequest, EnrollResponse, Evidence, HostDetail, HostTrust, Reason,
-    RegisterHost, Trust, TrustQuery, TrustQueryResponse, Whitelist,
+    Challenge, Evidence, HostDetail, HostTrust, Reason, RegisterHost, Trust, TrustQuery,
+    TrustQueryResponse, Whitelist,
 };
 use rand::RngCore;
 use serde::de::DeserializeOwned;
@@ -28,20 +27,23 @@ pub const MAX_QUERY_HOSTS: usize = 10_000;
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
-        .route("/v1/agents/{host}/enroll", post(enroll))
+        .route("/v1/agents/{host}/enroll", post(crate::enroll::enroll))
+        .route("/v1/agents/{host}/activate", post(crate::enroll::activate))
         .route("/v1/agents/{host}/challenge", post(challenge))
         .route("/v1/agents/{host}/evidence", post(evidence))
         .route("/v1/hosts", post(register_host))
         .route("/v1/hosts/{host}", get(host_detail))
         .route("/v1/hosts/{host}/trust", get(host_trust))
         .route("/v1/hosts/{host}/events", get(host_events))
+        .route("/v1/hosts/{host}/rekey", post(crate::enroll::rekey))
         .route(
             "/v1/hosts/{host}/whitelist",
             get(get_whitelist).put(put_whitelist),
         )
         .route("/v1/hosts/{host}/whitelist/accept", post(accept_whitelist))
         .route("/v1/trust/query", post(trust_query))
-        .fallback(|| async { Error::BadBody("no such API route".into()) })
+        .fallback(|| async { Error::NotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -61,7 +63,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 impl Caller {
-    fn require(&self, roles: &[Role], action: &'static str) -> Result<(), Error> {
+    pub(crate) fn require(&self, roles: &[Role], action: &'static str) -> Result<(), Error> {
         if roles.contains(&self.0.role) {
             Ok(())
         } else {
@@ -73,7 +75,7 @@ impl Caller {
     }
 
     /// Agents act only for the host named in their own certificate.
-    fn require_agent_for(&self, host: &str) -> Result<(), Error> {
+    pub(crate) fn require_agent_for(&self, host: &str) -> Result<(), Error> {
         self.require(&[Role::Agent], "act as a host agent")?;
         if self.0.name != host {
             return Err(Error::HostMismatch {
@@ -84,6 +86,11 @@ impl Caller {
         Ok(())
     }
 }
+
+/// The challenge request body: `{}` (no options yet; unknown fields refused).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRequest {}
 
 /// A JSON body that refuses unknown fields and oversized input with our
 /// error codes rather than the framework's plain-text rejections.
@@ -108,7 +115,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Body<T> {
     }
 }
 
-fn valid_host(host: &str) -> Result<(), Error> {
+pub(crate) fn valid_host(host: &str) -> Result<(), Error> {
     if proto::wire::valid_host_name(host) {
         Ok(())
     } else {
@@ -116,88 +123,15 @@ fn valid_host(host: &str) -> Result<(), Error> {
     }
 }
 
-async fn enroll(
-    State(st): State<Arc<AppState>>,
-    caller: Caller,
-    Path(host): Path<String>,
-    Body(req): Body<EnrollRequest>,
-) -> Result<Json<EnrollResponse>, Error> {
-    valid_host(&host)?;
-    caller.require_agent_for(&host)?;
-    let now = Utc::now();
-    let ak_bytes = base64::engine::general_purpose::STANDARD
-        .decode(&req.ak_public)
-        .map_err(|_| Error::BadAk("ak_public is not base64".into()))?;
-    let ak = Public::decode(&ak_bytes).map_err(|e| Error::BadAk(e.to_string()))?;
-    check_ak_attributes(&ak)?;
-    let ak_name = hex::encode(ak.name());
-    let initiator = audit::client("agent", &caller.0.name);
-    let ev = |outcome: &str, reason: Option<(&str, &str)>| {
-        audit::event(
-            &st.config.name,
-            initiator.clone(),
-            proto::cadf::Resource::host(&host),
-            "create",
-            outcome,
-            reason,
-            now,
-            Some(&host),
-        )
-    };
-    let success = ev("success", None);
-    let conflict = ev("failure", Some(("enrollment", "ak_conflict")));
-    let outcome = st
-        .store
-        .enroll(&host, &ak_bytes, &ak_name, now, &success, &conflict)
-        .await?;
-    st.audit_wake.notify_one();
-    match outcome {
-        EnrollOutcome::Created | EnrollOutcome::Unchanged => Ok(Json(EnrollResponse {
-            host,
-            ak_name,
-            created: outcome == EnrollOutcome::Created,
-        })),
-        EnrollOutcome::Conflict { enrolled_name } => Err(Error::AkConflict {
-            host,
-            enrolled: enrolled_name,
-        }),
-    }
-}
-
-/// An AK must be a restricted signing key that never left its TPM.
-fn check_ak_attributes(ak: &Public) -> Result<(), Error> {
-    let required = [
-        (attr::FIXED_TPM, "fixedTPM"),
-        (attr::FIXED_PARENT, "fixedParent"),
-        (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
-        (attr::RESTRICTED, "restricted"),
-        (attr::SIGN_ENCRYPT, "sign"),
-    ];
-    for (bit, name) in required {
-        if !ak.has(bit) {
-            return Err(Error::BadAk(format!("attribute {name} is not set")));
-        }
-    }
-    if ak.has(attr::DECRYPT) {
-        return Err(Error::BadAk(
-            "an attestation key must not be a decryption key".into(),
-        ));
-    }
-    Ok(())
-}
-
 async fn challenge(
     State(st): State<Arc<AppState>>,
     caller: Caller,
     Path(host): Path<String>,
-    Body(_): Body<serde_json::Map<String, serde_json::Value>>,
+    Body(_): Body<ChallengeRequest>,
 ) -> Result<Json<Challenge>, Error> {
     valid_host(&host)?;
     caller.require_agent_for(&host)?;
-    let record = st.store.host(&host).await?;
-    if record.as_ref().and_then(|r| r.ak_name.as_ref()).is_none() {
-        return Err(Error::NotEnrolled { host });
-    }
+    enrolled(st.store.host(&host).await?, &host)?;
     let mut nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let now = Utc::now();
@@ -248,10 +182,7 @@ async fn evidence(
         }
         return Err(e);
     }
-    let record = st.store.host(&host).await?;
-    let Some((record, ak)) = enrolled(record)? else {
-        return Err(Error::NotEnrolled { host });
-    };
+    let (record, ak) = enrolled(st.store.host(&host).await?, &host)?;
     let result = match body {
         Ok(Body(ev)) => {
             let nonce = ev.nonce.to_ascii_lowercase();
@@ -260,6 +191,7 @@ async fn evidence(
                 host: &host,
                 ak: &ak,
                 challenge: issued.as_ref(),
+                last_clock: record.clock,
             };
             let policy = Policy {
                 whitelist: record.whitelist.as_ref(),
@@ -283,10 +215,26 @@ async fn evidence(
                 pcrs: Some(&verified.pcrs),
                 correlation_id: &correlation_id,
             });
+            let mut events = vec![ev];
+            if verified.rebooted {
+                // The host rebooted since its last quote; this quote is its fresh attestation.
+                events.push(audit::event(
+                    &st.config.name,
+                    audit::client("agent", &host),
+                    proto::cadf::Resource::host(&host),
+                    "monitor",
+                    "success",
+                    Some(("tpm/clock", "reboot")),
+                    now,
+                    Some(&host),
+                ));
+                tracing::info!(host, "reboot detected from the TPM reset/restart count");
+            }
             let rec = AttestationRecord {
                 verdict: &verified.verdict,
                 verified_pcrs: Some(&verified.pcrs),
-                event: &ev,
+                clock: Some(verified.attest.clock_info),
+                events: &events,
             };
             st.store.record_attestation(&host, rec).await?;
             st.audit_wake.notify_one();
@@ -328,7 +276,8 @@ async fn evidence(
             let rec = AttestationRecord {
                 verdict: &verdict,
                 verified_pcrs: None,
-                event: &ev,
+                clock: None,
+                events: std::slice::from_ref(&ev),
             };
             st.store.record_attestation(&host, rec).await?;
             st.audit_wake.notify_one();
@@ -338,18 +287,26 @@ async fn evidence(
     }
 }
 
-/// The host's record and decoded AK, if it has enrolled one.
-fn enrolled(record: Option<HostRecord>) -> Result<Option<(HostRecord, Public)>, Error> {
-    let Some(record) = record else {
-        return Ok(None);
-    };
-    let Some(bytes) = record.ak_public.as_deref() else {
-        return Ok(None);
-    };
+/// The host's record and decoded AK, once its AK completed activation.
+fn enrolled(record: Option<HostRecord>, host: &str) -> Result<(HostRecord, Public), Error> {
+    let record = record.ok_or_else(|| Error::NotEnrolled {
+        host: host.to_string(),
+    })?;
+    let bytes = record
+        .ak_public
+        .as_deref()
+        .ok_or_else(|| Error::NotEnrolled {
+            host: host.to_string(),
+        })?;
+    if !record.ak_activated {
+        return Err(Error::NotActivated {
+            host: host.to_string(),
+        });
+    }
     let ak = Public::decode(bytes).map_err(|e| Error::Verification {
         failure: Failure::Decode(verify::DecodeFailure::Ak(e)),
     })?;
-    Ok(Some((record, ak)))
+    Ok((record, ak))
 }
 
 /// What a reader is told now: a verdict past its expiry is `unknown`.
@@ -452,7 +409,7 @@ async fn register_host(
     detail(&st, &req.host).await.map(Json)
 }
 
-async fn detail(st: &AppState, host: &str) -> Result<HostDetail, Error> {
+pub(crate) async fn detail(st: &AppState, host: &str) -> Result<HostDetail, Error> {
     let r = st
         .store
         .host(host)

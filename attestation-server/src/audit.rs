@@ -113,6 +113,15 @@ pub fn event(
     to_new_event(&event, now, host)
 }
 
+/// Add tags to a stored event (e.g. to mark an enrollment without an EK certificate).
+pub fn with_tags(mut event: NewEvent, tags: &[&str]) -> NewEvent {
+    if let Ok(mut parsed) = serde_json::from_str::<Event>(&event.body) {
+        parsed.tags.extend(tags.iter().map(|t| t.to_string()));
+        event.body = serde_json::to_string(&parsed).unwrap_or(event.body);
+    }
+    event
+}
+
 /// An admin, scheduler or agent as a CADF initiator.
 pub fn client(role: &str, name: &str) -> Resource {
     Resource {

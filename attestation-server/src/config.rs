@@ -43,6 +43,14 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// The PCRs every challenge asks for.
     pub pcr_selection: PcrSelectionMap,
+    /// TPM manufacturer CA certificates (PEM or DER files, or directories of
+    /// them) that EK certificates must chain to.
+    pub ek_ca: Vec<PathBuf>,
+    /// Hosts allowed to enroll a TPM that has no EK certificate; each such
+    /// enrollment is logged as a warning and marked in its audit event.
+    pub allow_without_ek_certificate: Vec<String>,
+    /// How long an enrollment's credential can be activated.
+    pub enrollment_ttl_secs: u64,
     pub tls: ServerTls,
 }
 
@@ -70,6 +78,9 @@ impl Default for ServerConfig {
             pcr_selection: [(HashAlg::Sha256, (0..=10).collect())]
                 .into_iter()
                 .collect(),
+            ek_ca: Vec::new(),
+            allow_without_ek_certificate: Vec::new(),
+            enrollment_ttl_secs: 300,
             tls: ServerTls {
                 cert: "server.pem".into(),
                 key: "server.key".into(),
@@ -95,7 +106,8 @@ impl ServerConfig {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // ATTEST_SERVER_CONFIG names the file (see the binary), it is not a key.
+        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
         let mut cfg: ServerConfig = fig.extract().map_err(config_error)?;
         if let Some(base) = file.and_then(Path::parent) {
             cfg.resolve_paths(base);
@@ -116,6 +128,7 @@ impl ServerConfig {
         if let Some(a) = self.audit_file.as_mut() {
             fix(a);
         }
+        self.ek_ca.iter_mut().for_each(fix);
         // sqlite://relative/path is relative to the config file too.
         if let Some(rest) = self.database_url.0.strip_prefix("sqlite://") {
             let (path, query) = rest
@@ -140,6 +153,19 @@ impl ServerConfig {
         };
         if self.freshness_secs == 0 {
             return bad("freshness_secs", "must be at least 1".into());
+        }
+        if self.enrollment_ttl_secs == 0 {
+            return bad("enrollment_ttl_secs", "must be at least 1".into());
+        }
+        if let Some(h) = self
+            .allow_without_ek_certificate
+            .iter()
+            .find(|h| !proto::wire::valid_host_name(h))
+        {
+            return bad(
+                "allow_without_ek_certificate",
+                format!("{h:?} is not a valid host name"),
+            );
         }
         if self.challenge_ttl_secs == 0 {
             return bad("challenge_ttl_secs", "must be at least 1".into());

@@ -49,6 +49,9 @@ pub enum HostCommand {
     Show { host: String },
     /// Print the host's audit events (oldest first).
     Events { host: String },
+    /// Approve one enrollment of the host with a different EK (a TPM or
+    /// motherboard replacement); until then such an enrollment is refused.
+    Rekey { host: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +84,10 @@ pub struct InitArgs {
     /// Overwrite an existing pool in --out.
     #[arg(long)]
     pub force: bool,
+    /// A TPM manufacturer CA certificate (PEM or DER) that EK certificates
+    /// must chain to; repeat for roots and intermediates.
+    #[arg(long = "ek-ca")]
+    pub ek_cas: Vec<PathBuf>,
 }
 
 /// `admin.toml`: where the server is and which admin certificate to use.
@@ -173,6 +180,11 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
     if args.server_port == 0 {
         return Err(bad("--server-port", "must be a fixed port".into()));
     }
+    for ca in &args.ek_cas {
+        if !ca.is_file() {
+            return Err(bad("--ek-ca", format!("{} is not a file", ca.display())));
+        }
+    }
     let dir = &args.out;
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.display().to_string(),
@@ -201,6 +213,15 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
     let url = format!("https://127.0.0.1:{}", args.server_port);
     // A verdict outlives a few missed rounds, not more.
     let freshness = args.interval.saturating_mul(3).max(10);
+    let ek_ca = args
+        .ek_cas
+        .iter()
+        .map(|p| {
+            let abs = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+            format!("{:?}", abs.display().to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     let server = format!(
         "# Attestation server (written by attestctl init). Every key can be overridden\n\
          # by an ATTEST_SERVER_* environment variable, e.g. ATTEST_SERVER_LISTEN.\n\
@@ -211,6 +232,11 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
          freshness_secs = {freshness}\n\
          challenge_ttl_secs = 60\n\
          max_body_bytes = 65536\n\n\
+         # TPM manufacturer CAs that EK certificates must chain to.\n\
+         ek_ca = [{ek_ca}]\n\
+         # Hosts whose TPM may enroll without an EK certificate (audited).\n\
+         allow_without_ek_certificate = []\n\
+         enrollment_ttl_secs = 300\n\n\
          [pcr_selection]\n\
          sha256 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n\n\
          [tls]\n\
@@ -290,6 +316,10 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
         Command::Host(HostCommand::Show { host }) => {
             to_json(api.get::<HostDetail>(&format!("/v1/hosts/{host}")).await?)
         }
+        Command::Host(HostCommand::Rekey { host }) => to_json(
+            api.post::<_, HostDetail>(&format!("/v1/hosts/{host}/rekey"), &serde_json::json!({}))
+                .await?,
+        ),
         Command::Host(HostCommand::Events { host }) => {
             api.get::<serde_json::Value>(&format!("/v1/hosts/{host}/events"))
                 .await?
@@ -347,6 +377,7 @@ mod tests {
             tctis: vec!["swtpm:port=1".into(), "swtpm:port=3".into()],
             interval: 5,
             force: false,
+            ek_cas: vec![],
         };
         let s = init(&args).unwrap();
         let server = ServerConfig::load(Some(&s.server_config)).unwrap();
@@ -384,6 +415,7 @@ mod tests {
             tctis: vec!["x".into()],
             interval: 5,
             force: false,
+            ek_cas: vec![],
         };
         assert!(matches!(init(&args), Err(Error::Config { key, .. }) if key == "--tcti"));
     }

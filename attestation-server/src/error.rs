@@ -38,18 +38,44 @@ pub enum Error {
     Verification { failure: Failure },
     #[error("host {host} has no enrolled attestation key")]
     NotEnrolled { host: String },
-    #[error("host {host} is pinned to attestation key {enrolled}; a different key needs an operator's re-key")]
-    AkConflict { host: String, enrolled: String },
+    #[error("the attestation key of host {host} has not completed credential activation")]
+    NotActivated { host: String },
     #[error("invalid attestation key: {0}")]
     BadAk(String),
+    #[error("invalid endorsement key: {0}")]
+    BadEk(String),
+    #[error("EK certificate refused: {0}")]
+    EkCertificate(#[from] crate::ekcert::EkCertError),
+    #[error("host {host} has no EK certificate and is not allowed to enroll without one")]
+    EkCertificateRequired { host: String },
+    #[error("host {host} is pinned to EK {pinned}; enrolling another EK needs an operator's `attestctl host rekey {host}`")]
+    EkConflict { host: String, pinned: String },
+    #[error("this EK is already enrolled as host {other_host}")]
+    EkInUse { other_host: String },
+    #[error("cannot make a credential for this EK: {0}")]
+    Credential(#[from] crate::credential::CredentialError),
+    #[error("no such enrollment for this host")]
+    EnrollmentUnknown,
+    #[error("this enrollment was already used")]
+    EnrollmentUsed,
+    #[error("this enrollment expired at {expired_at}; enroll again")]
+    EnrollmentExpired {
+        expired_at: chrono::DateTime<chrono::Utc>,
+    },
+    #[error("the activation proof is wrong")]
+    ActivationProofInvalid,
     #[error("unknown host {0}")]
     UnknownHost(String),
     #[error("host {0} has no verified evidence yet")]
     NoEvidence(String),
     #[error("invalid whitelist: {0}")]
     BadWhitelist(String),
-    #[error("storage unavailable")]
+    #[error("storage unavailable: {0}")]
     Storage(#[from] StoreError),
+    #[error("no such API route")]
+    NotFound,
+    #[error("this API route does not take that method")]
+    MethodNotAllowed,
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,
@@ -65,14 +91,27 @@ impl Error {
             BadClientCertificate(_) | Forbidden { .. } | HostMismatch { .. } => {
                 StatusCode::FORBIDDEN
             }
-            InvalidHostName(_) | BadBody(_) | BadAk(_) | BadWhitelist(_) => StatusCode::BAD_REQUEST,
+            InvalidHostName(_) | BadBody(_) | BadAk(_) | BadEk(_) | BadWhitelist(_)
+            | Credential(_) => StatusCode::BAD_REQUEST,
+            EkCertificate(e) => match e {
+                crate::ekcert::EkCertError::Malformed { .. }
+                | crate::ekcert::EkCertError::KeyMismatch => StatusCode::BAD_REQUEST,
+                _ => StatusCode::FORBIDDEN,
+            },
+            EkCertificateRequired { .. } | ActivationProofInvalid => StatusCode::FORBIDDEN,
+            EkConflict { .. } | EkInUse { .. } | EnrollmentUsed | NotActivated { .. } => {
+                StatusCode::CONFLICT
+            }
+            EnrollmentUnknown => StatusCode::NOT_FOUND,
+            EnrollmentExpired { .. } => StatusCode::GONE,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Verification { failure } => match failure {
                 Failure::Decode(_) => StatusCode::BAD_REQUEST,
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             },
-            NotEnrolled { .. } | AkConflict { .. } | NoEvidence(_) => StatusCode::CONFLICT,
-            UnknownHost(_) => StatusCode::NOT_FOUND,
+            NotEnrolled { .. } | NoEvidence(_) => StatusCode::CONFLICT,
+            UnknownHost(_) | NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Config { .. } | TlsSetup(_) | Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -92,12 +131,32 @@ impl Error {
             BodyTooLarge { .. } => "body_too_large",
             Verification { failure } => failure.code(),
             NotEnrolled { .. } => "ak_not_enrolled",
-            AkConflict { .. } => "ak_conflict",
+            NotActivated { .. } => "ak_not_activated",
             BadAk(_) => "ak_invalid",
+            BadEk(_) => "ek_invalid",
+            EkCertificate(e) => match e {
+                crate::ekcert::EkCertError::Malformed { .. } => "ek_certificate_malformed",
+                crate::ekcert::EkCertError::UnknownIssuer { .. } => "ek_certificate_unknown_issuer",
+                crate::ekcert::EkCertError::Expired { .. } => "ek_certificate_expired",
+                crate::ekcert::EkCertError::NotYetValid { .. } => "ek_certificate_not_yet_valid",
+                crate::ekcert::EkCertError::BadSignature { .. } => "ek_certificate_bad_signature",
+                crate::ekcert::EkCertError::KeyMismatch => "ek_certificate_key_mismatch",
+                _ => "ek_certificate_invalid",
+            },
+            EkCertificateRequired { .. } => "ek_certificate_required",
+            EkConflict { .. } => "ek_conflict",
+            EkInUse { .. } => "ek_in_use",
+            Credential(_) => "ek_unsupported",
+            EnrollmentUnknown => "enrollment_unknown",
+            EnrollmentUsed => "enrollment_used",
+            EnrollmentExpired { .. } => "enrollment_expired",
+            ActivationProofInvalid => "activation_proof_invalid",
             UnknownHost(_) => "unknown_host",
             NoEvidence(_) => "no_evidence",
             BadWhitelist(_) => "whitelist_invalid",
             Storage(_) => "storage_unavailable",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
             Io { .. } => "io_error",
         }
     }

@@ -8,7 +8,10 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod credential;
 pub mod ctl;
+pub mod ekcert;
+pub mod enroll;
 pub mod error;
 pub mod pki;
 pub mod store;
@@ -36,18 +39,28 @@ pub struct AppState {
     /// Wakes the audit deliverer after an event was committed.
     pub audit_wake: Arc<Notify>,
     pub tls: Arc<rustls::ServerConfig>,
+    /// Trust anchors and intermediates for EK certificates.
+    pub ek_roots: ekcert::EkRoots,
 }
 
 impl AppState {
     /// Open the database (running migrations) and load the TLS identity.
     pub async fn new(config: ServerConfig) -> Result<Arc<Self>, Error> {
         let tls = Arc::new(tls::server_config(&config.tls)?);
+        let ek_roots = ekcert::EkRoots::load(&config.ek_ca).map_err(|e| Error::Config {
+            key: "ek_ca".into(),
+            problem: e.to_string(),
+        })?;
+        if config.ek_ca.is_empty() {
+            tracing::warn!("no ek_ca configured: every EK certificate will be refused as from an unknown issuer");
+        }
         let store = store::open(&config.database_url.0).await?;
         Ok(Arc::new(Self {
             config,
             store,
             audit_wake: Arc::new(Notify::new()),
             tls,
+            ek_roots,
         }))
     }
 }

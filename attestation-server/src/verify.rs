@@ -8,16 +8,20 @@
 //! 3. [`Step::Nonce`]: the nonce was issued by us, to this host, is unexpired and unused
 //! 4. [`Step::PcrSelection`]: the quote covers exactly the PCRs we asked for
 //! 5. [`Step::PcrDigest`]: the reported PCR values hash to the quote's pcrDigest
-//! 6. [`Step::Whitelist`]: the PCR values are among the acceptable ones
-//! 7. the verdict: trusted only when every step passed.
+//! 6. [`Step::Clock`]: the TPM's clock and counters did not go back (replay,
+//!    state rollback); higher reset or restart counts are a reboot
+//! 7. [`Step::Whitelist`]: the PCR values are among the acceptable ones
+//! 8. the verdict: trusted only when every step passed.
 //!
-//! Steps 1–5 prove the evidence genuine; a failure there is an error. Step 6
-//! judges genuine evidence; a mismatch there is an `untrusted` verdict.
+//! Steps 1–6 prove the evidence genuine and current; a failure there is an
+//! error. Step 7 judges genuine evidence; a mismatch there is an `untrusted`
+//! verdict.
 
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
 use proto::tpm::{
-    self, Attest, EccCurve, HashAlg, KeyScheme, PcrSelection, Public, PublicKey, Signature,
+    self, Attest, ClockInfo, EccCurve, HashAlg, KeyScheme, PcrSelection, Public, PublicKey,
+    Signature,
 };
 use proto::wire::{self, Evidence, HostTrust, PcrFault, PcrValues, Reason, Trust, Whitelist};
 use ring::signature as sig;
@@ -31,6 +35,7 @@ pub enum Step {
     Nonce,
     PcrSelection,
     PcrDigest,
+    Clock,
     Whitelist,
 }
 
@@ -42,6 +47,7 @@ impl Step {
             Step::Nonce => "nonce",
             Step::PcrSelection => "pcr_selection",
             Step::PcrDigest => "pcr_digest",
+            Step::Clock => "clock",
             Step::Whitelist => "whitelist",
         }
     }
@@ -109,6 +115,16 @@ pub enum DigestFailure {
     Mismatch { quoted: String, computed: String },
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClockFailure {
+    #[error("TPM reset count went back from {last} to {quoted}")]
+    ResetCountBackwards { last: u32, quoted: u32 },
+    #[error("TPM restart count went back from {last} to {quoted} without a reset")]
+    RestartCountBackwards { last: u32, quoted: u32 },
+    #[error("TPM clock went back from {last} ms to {quoted} ms without a reboot")]
+    ClockBackwards { last: u64, quoted: u64 },
+}
+
 /// Why evidence was refused: the step and its typed failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
@@ -122,6 +138,8 @@ pub enum Failure {
     PcrSelection(#[from] SelectionFailure),
     #[error("{0}")]
     PcrDigest(#[from] DigestFailure),
+    #[error("{0}")]
+    Clock(#[from] ClockFailure),
 }
 
 impl Failure {
@@ -132,6 +150,7 @@ impl Failure {
             Failure::Nonce(_) => Step::Nonce,
             Failure::PcrSelection(_) => Step::PcrSelection,
             Failure::PcrDigest(_) => Step::PcrDigest,
+            Failure::Clock(_) => Step::Clock,
         }
     }
 
@@ -161,6 +180,7 @@ impl Failure {
             }
             Failure::PcrSelection(SelectionFailure::ValuesDiffer { .. }) => "pcr_values_incomplete",
             Failure::PcrDigest(_) => "pcr_digest_mismatch",
+            Failure::Clock(_) => "clock_replay",
         }
     }
 
@@ -192,6 +212,8 @@ pub struct Expected<'a> {
     pub ak: &'a Public,
     /// The challenge stored under the evidence's nonce, if any.
     pub challenge: Option<&'a IssuedChallenge>,
+    /// The clock of the host's last genuine quote with this AK.
+    pub last_clock: Option<ClockInfo>,
 }
 
 /// How to judge genuine evidence.
@@ -205,6 +227,8 @@ pub struct Policy<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verified {
     pub attest: Attest,
+    /// The TPM was reset or restarted since the last genuine quote.
+    pub rebooted: bool,
     pub pcrs: PcrValues,
     pub verdict: HostTrust,
 }
@@ -230,8 +254,10 @@ pub fn verify(
     check_nonce(&decoded, expected, now)?;
     check_selection(&decoded.attest, &evidence.pcrs, expected.challenge)?;
     check_pcr_digest(&decoded, &evidence.pcrs)?;
+    let rebooted = check_clock(&decoded.attest.clock_info, expected.last_clock.as_ref())?;
     let faults = judge(&evidence.pcrs, policy.whitelist);
     Ok(Verified {
+        rebooted,
         verdict: verdict(expected.host, faults, now, policy.freshness),
         attest: decoded.attest,
         pcrs: evidence.pcrs.clone(),
@@ -474,7 +500,39 @@ pub fn check_pcr_digest(d: &Decoded, pcrs: &PcrValues) -> Result<(), DigestFailu
     Ok(())
 }
 
-/// Step 6: compare genuine PCR values with the whitelist. Every whitelisted
+/// Step 6: TPM time only moves forward. A higher reset count (TPM reset,
+/// a reboot) or restart count (resume) starts a new clock epoch; within an
+/// epoch the clock must not go back. Returns whether a reboot happened.
+pub fn check_clock(quoted: &ClockInfo, last: Option<&ClockInfo>) -> Result<bool, ClockFailure> {
+    let Some(last) = last else { return Ok(false) };
+    if quoted.reset_count < last.reset_count {
+        return Err(ClockFailure::ResetCountBackwards {
+            last: last.reset_count,
+            quoted: quoted.reset_count,
+        });
+    }
+    if quoted.reset_count > last.reset_count {
+        return Ok(true);
+    }
+    if quoted.restart_count < last.restart_count {
+        return Err(ClockFailure::RestartCountBackwards {
+            last: last.restart_count,
+            quoted: quoted.restart_count,
+        });
+    }
+    if quoted.restart_count > last.restart_count {
+        return Ok(true);
+    }
+    if quoted.clock < last.clock {
+        return Err(ClockFailure::ClockBackwards {
+            last: last.clock,
+            quoted: quoted.clock,
+        });
+    }
+    Ok(false)
+}
+
+/// Step 7: compare genuine PCR values with the whitelist. Every whitelisted
 /// PCR must be reported with one of its acceptable values; PCRs the
 /// whitelist does not name are not judged. No whitelist, or an empty one,
 /// judges nothing and so is itself a fault: trust is never the default.
@@ -524,7 +582,7 @@ pub fn judge(pcrs: &PcrValues, whitelist: Option<&Whitelist>) -> Vec<Reason> {
     faults
 }
 
-/// Step 7: trusted only when no fault was found.
+/// Step 8: trusted only when no fault was found.
 pub fn verdict(
     host: &str,
     faults: Vec<Reason>,

@@ -8,9 +8,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use attestation_server::store::{
-    self, AttestationRecord, EnrollOutcome, NewChallenge, NewEvent, Store,
+    self, ActivateOutcome, AttestationRecord, Enrollment, NewChallenge, NewEvent, Store,
 };
 use chrono::{Duration, DurationRound, Utc};
+use proto::tpm::ClockInfo;
 use proto::wire::{HostTrust, PcrValues, Reason, Trust, Whitelist};
 use proto::HashAlg;
 use sqlx::Connection;
@@ -42,65 +43,92 @@ async fn suite(s: Arc<dyn Store>) {
         .duration_trunc(Duration::microseconds(1))
         .unwrap();
 
-    // Hosts and AK pinning.
+    // Hosts, enrollments and identity pinning.
     assert!(s.register_host("n1", now).await.unwrap());
     assert!(!s.register_host("n1", now).await.unwrap());
     assert!(s.host("nobody").await.unwrap().is_none());
-    let (ok, bad) = (event("n1", 1), event("n1", 2));
+    let enrollment = |id: &str, host: &str, ek: &str, ak: &str| Enrollment {
+        id: id.into(),
+        host: host.into(),
+        ek_public: ek.as_bytes().to_vec(),
+        ek_name: format!("ek-{ek}"),
+        ek_certified: true,
+        ak_public: ak.as_bytes().to_vec(),
+        ak_name: format!("ak-{ak}"),
+        proof: "00ff".into(),
+        created_at: now,
+        expires_at: now + Duration::seconds(300),
+    };
+    let e1 = enrollment("e1", "n1", "A", "1");
+    s.create_enrollment(&e1, &event("n1", 1)).await.unwrap();
+    assert!(
+        s.create_enrollment(&e1, &event("n1", 99)).await.is_err(),
+        "ids are unique; the event rolls back with it"
+    );
+    // Another host cannot take it, and that does not use it up.
+    let foreign = s.take_enrollment("e1", "n2", now).await.unwrap().unwrap();
+    assert!(!foreign.used_before);
+    assert_eq!(foreign.enrollment.host, "n1");
+    let taken = s.take_enrollment("e1", "n1", now).await.unwrap().unwrap();
     assert_eq!(
-        s.enroll("n1", b"ak-1", "name-1", now, &ok, &bad)
+        (taken.enrollment.clone(), taken.used_before),
+        (e1.clone(), false)
+    );
+    assert!(
+        s.take_enrollment("e1", "n1", now)
+            .await
+            .unwrap()
+            .unwrap()
+            .used_before
+    );
+    assert!(s
+        .take_enrollment("nope", "n1", now)
+        .await
+        .unwrap()
+        .is_none());
+    let before = s.host("n1").await.unwrap().unwrap();
+    assert!(!before.ak_activated, "enrolling alone activates nothing");
+    assert_eq!(
+        s.activate(&e1, &event("n1", 2)).await.unwrap(),
+        ActivateOutcome::Activated
+    );
+    let h = s.host("n1").await.unwrap().unwrap();
+    assert!(h.ak_activated && h.ek_certified && !h.rekey_allowed);
+    assert_eq!(
+        (h.ek_name.as_deref(), h.ak_name.as_deref()),
+        (Some("ek-A"), Some("ak-1"))
+    );
+    assert_eq!(h.ak_public.as_deref(), Some(&b"1"[..]));
+    assert_eq!(h.registered_at, now);
+    assert_eq!(s.host_for_ek("ek-A").await.unwrap().as_deref(), Some("n1"));
+    assert_eq!(s.host_for_ek("ek-B").await.unwrap(), None);
+    // The same EK for a second host is refused; activation registers new hosts.
+    assert_eq!(
+        s.activate(&enrollment("e2", "n2", "A", "2"), &event("n2", 3))
             .await
             .unwrap(),
-        EnrollOutcome::Created
+        ActivateOutcome::EkInUse { host: "n1".into() }
     );
     assert_eq!(
-        s.enroll(
-            "n1",
-            b"ak-1",
-            "name-1",
-            now,
-            &event("n1", 3),
-            &event("n1", 4)
-        )
-        .await
-        .unwrap(),
-        EnrollOutcome::Unchanged
+        s.activate(&enrollment("e3", "n2", "X", "x"), &event("n2", 7))
+            .await
+            .unwrap(),
+        ActivateOutcome::Activated
     );
+    // Re-key approval.
+    assert!(s.allow_rekey("n1", &event("n1", 4)).await.unwrap());
+    assert!(!s.allow_rekey("ghost", &event("ghost", 5)).await.unwrap());
+    assert!(s.host("n1").await.unwrap().unwrap().rekey_allowed);
     assert_eq!(
-        s.enroll(
-            "n1",
-            b"ak-2",
-            "name-2",
-            now,
-            &event("n1", 5),
-            &event("n1", 6)
-        )
-        .await
-        .unwrap(),
-        EnrollOutcome::Conflict {
-            enrolled_name: "name-1".into()
-        }
+        s.activate(&enrollment("e4", "n1", "B", "3"), &event("n1", 6))
+            .await
+            .unwrap(),
+        ActivateOutcome::Activated
     );
     let h = s.host("n1").await.unwrap().unwrap();
     assert_eq!(
-        h.ak_public.as_deref(),
-        Some(&b"ak-1"[..]),
-        "a conflicting enrollment changes nothing"
-    );
-    assert_eq!(h.registered_at, now);
-    // Enrollment registers unknown hosts too.
-    assert_eq!(
-        s.enroll(
-            "n2",
-            b"ak-x",
-            "name-x",
-            now,
-            &event("n2", 7),
-            &event("n2", 8)
-        )
-        .await
-        .unwrap(),
-        EnrollOutcome::Created
+        (h.ek_name.as_deref(), h.rekey_allowed),
+        (Some("ek-B"), false)
     );
 
     // Challenges: single use, never consumed by another host.
@@ -157,13 +185,19 @@ async fn suite(s: Arc<dyn Store>) {
         }],
     };
     let values = pcrs(&"00".repeat(32));
-    let ev = event("n1", 9);
+    let clock = ClockInfo {
+        clock: 12_345,
+        reset_count: 3,
+        restart_count: 1,
+        safe: true,
+    };
     s.record_attestation(
         "n1",
         AttestationRecord {
             verdict: &verdict,
             verified_pcrs: Some(&values),
-            event: &ev,
+            clock: Some(clock),
+            events: &[event("n1", 9)],
         },
     )
     .await
@@ -171,6 +205,7 @@ async fn suite(s: Arc<dyn Store>) {
     let h = s.host("n1").await.unwrap().unwrap();
     assert_eq!(h.verdict.as_ref(), Some(&verdict));
     assert_eq!(h.last_pcrs.as_ref(), Some(&values));
+    assert_eq!(h.clock, Some(clock));
     let found = s
         .verdicts(&["n1".into(), "n2".into(), "ghost".into()])
         .await
@@ -205,8 +240,8 @@ async fn suite(s: Arc<dyn Store>) {
     let ns: Vec<String> = all.iter().map(|(_, b)| b.clone()).collect();
     assert_eq!(
         ns,
-        ["1", "3", "6", "7", "9", "10", "11"].map(|n| format!("{{\"n\":{n}}}")),
-        "one event per enrollment outcome, then attestation, policy, and the plain event"
+        ["1", "2", "7", "4", "6", "9", "10", "11"].map(|n| format!("{{\"n\":{n}}}")),
+        "events of committed changes only, in commit order"
     );
     assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
     assert_eq!(s.sink_cursor("file").await.unwrap(), 0);

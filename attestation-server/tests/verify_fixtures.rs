@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use attestation_server::verify::{
-    self, DecodeFailure, DigestFailure, Expected, Failure, IssuedChallenge, NonceFailure, Policy,
-    SelectionFailure, SignatureFailure,
+    self, ClockFailure, DecodeFailure, DigestFailure, Expected, Failure, IssuedChallenge,
+    NonceFailure, Policy, SelectionFailure, SignatureFailure,
 };
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
@@ -85,6 +85,7 @@ fn run(
         host: "node1",
         ak: &f.ak,
         challenge: ch,
+        last_clock: None,
     };
     let policy = Policy {
         whitelist: wl,
@@ -365,4 +366,64 @@ fn whitelist_validation_refuses_bad_shapes() {
     assert!(verify::validate_whitelist(&wl)
         .unwrap_err()
         .contains("32-byte"));
+}
+
+#[test]
+fn clock_step_detects_rollback_and_reboots() {
+    for kind in KINDS {
+        let f = ours(kind);
+        let ch = challenge_for(&f, "node1");
+        let wl = golden(&f.evidence.pcrs);
+        let quoted = f.attest.clock_info;
+        let check = |last: proto::tpm::ClockInfo| {
+            let expected = Expected {
+                host: "node1",
+                ak: &f.ak,
+                challenge: Some(&ch),
+                last_clock: Some(last),
+            };
+            let policy = Policy {
+                whitelist: Some(&wl),
+                freshness: Duration::seconds(60),
+            };
+            verify::verify(&f.evidence, &expected, &policy, now())
+        };
+        // Same epoch, earlier clock: fine, no reboot.
+        let earlier = proto::tpm::ClockInfo {
+            clock: quoted.clock.saturating_sub(1),
+            ..quoted
+        };
+        assert!(!check(earlier).unwrap().rebooted);
+        // The last quote was later in the same epoch: the TPM went back.
+        let later = proto::tpm::ClockInfo {
+            clock: quoted.clock + 1000,
+            ..quoted
+        };
+        let err = check(later).unwrap_err();
+        assert!(
+            matches!(err, Failure::Clock(ClockFailure::ClockBackwards { .. })),
+            "{err}"
+        );
+        assert_eq!(err.reason().step, "clock");
+        // A higher reset count than quoted: counters went back.
+        let ahead = proto::tpm::ClockInfo {
+            reset_count: quoted.reset_count + 1,
+            ..quoted
+        };
+        assert!(matches!(
+            check(ahead),
+            Err(Failure::Clock(ClockFailure::ResetCountBackwards { .. }))
+        ));
+        // The last quote had a lower reset count: a reboot, even with a later clock.
+        if quoted.reset_count > 0 {
+            let before_reboot = proto::tpm::ClockInfo {
+                reset_count: quoted.reset_count - 1,
+                clock: quoted.clock + 1_000_000,
+                ..quoted
+            };
+            let v = check(before_reboot).unwrap();
+            assert!(v.rebooted);
+            assert_eq!(v.verdict.trust, Trust::Trusted);
+        }
+    }
 }

@@ -1,14 +1,19 @@
-//! The attestation loop: enroll the AK, then every interval fetch a
+//! The attestation loop: enroll (register the EK and AK, activate the
+//! server's credential with the TPM, prove it), then every interval fetch a
 //! challenge, quote the requested PCRs with its nonce and send the evidence.
 
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
+use crate::enrollment;
 use crate::error::Error;
 use crate::tpm::{AkInfo, Tpm};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use proto::client::{ApiClient, ClientError};
-use proto::wire::{Challenge, EnrollRequest, EnrollResponse, Evidence, HostTrust, Trust};
+use proto::wire::{
+    ActivateRequest, ActivateResponse, Challenge, EnrollRequest, EnrollResponse, Evidence,
+    HostTrust, Trust,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -16,8 +21,7 @@ use std::future::Future;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
-/// The server's error code for evidence signed by a key it does not know.
-pub const AK_NOT_ENROLLED: &str = "ak_not_enrolled";
+pub use crate::enrollment::AK_NOT_ENROLLED;
 /// Shortest nonce accepted from a server (the API promises at least 16 bytes).
 pub const MIN_NONCE_LEN: usize = 16;
 /// First retry delay after a transient failure.
@@ -35,7 +39,7 @@ pub struct Agent {
     /// The AK as the TPM worker last reported it; `None` until ensured, or
     /// after the TPM could no longer load it.
     ak: Option<AkInfo>,
-    /// Whether the server has accepted `ak`.
+    /// Whether the server has activated `ak`.
     enrolled: bool,
 }
 
@@ -71,7 +75,7 @@ impl Agent {
         &self.tpm
     }
 
-    /// The enrolled AK, if enrollment succeeded.
+    /// The enrolled (activated) AK, if enrollment succeeded.
     pub fn enrolled_ak(&self) -> Option<&AkInfo> {
         self.ak.as_ref().filter(|_| self.enrolled)
     }
@@ -81,8 +85,11 @@ impl Agent {
         format!("/v1/agents/{}/{what}", self.host)
     }
 
-    /// Make sure the AK exists and register its public area with the server.
-    pub async fn enroll(&mut self) -> Result<EnrollResponse, Error> {
+    /// Enroll: make sure the AK exists, send the server the EK (public
+    /// area and certificate) and the AK, activate the credential it answers
+    /// with on the TPM (which works only if the AK and EK live in this TPM)
+    /// and send the proof of the recovered secret.
+    pub async fn enroll(&mut self) -> Result<ActivateResponse, Error> {
         self.enrolled = false;
         let ak = match &self.ak {
             Some(ak) => ak.clone(),
@@ -92,27 +99,61 @@ impl Agent {
                 ak
             }
         };
+        let ek = self.tpm.ek_identity().await?;
+        if ek.certificate.is_none() {
+            warn!("the TPM has no EK certificate; the server must know this host's EK");
+        }
         let request = EnrollRequest {
+            ek_certificate: ek.certificate.as_deref().map(|der| BASE64.encode(der)),
+            ek_public: BASE64.encode(&ek.public),
             ak_public: BASE64.encode(&ak.public),
         };
-        let response: EnrollResponse = self.client.post(&self.path("enroll"), &request).await?;
+        let offer: EnrollResponse = self.client.post(&self.path("enroll"), &request).await?;
+        let (id_object, encrypted_secret) = enrollment::decode_credential(&offer)?;
+        let secret = match self
+            .tpm
+            .activate_credential(&id_object, &encrypted_secret)
+            .await
+        {
+            Ok(secret) => secret,
+            Err(e) => {
+                if matches!(e, Error::Tpm { .. }) {
+                    // The worker's AK may no longer be the one just sent
+                    // (TPM cleared, blobs replaced): start over from the TPM.
+                    self.ak = None;
+                }
+                return Err(e);
+            }
+        };
+        let proof = ActivateRequest {
+            enrollment_id: offer.enrollment_id,
+            proof: enrollment::activation_proof(&secret, &self.host)?,
+        };
+        let activated: ActivateResponse = self.client.post(&self.path("activate"), &proof).await?;
         let ours = hex::encode(&ak.name);
-        if !response.ak_name.eq_ignore_ascii_case(&ours) {
+        if !activated.ak_name.eq_ignore_ascii_case(&ours) {
             // Quotes would then fail verification; say so plainly.
-            warn!(server = %response.ak_name, agent = %ours, "the server computed another AK name");
+            warn!(server = %activated.ak_name, agent = %ours, "the server activated another AK name");
         }
-        info!(ak_name = %ours, created = response.created, "AK enrolled");
+        info!(
+            ak_name = %ours,
+            ek_certificate = ek.certificate.is_some(),
+            "AK enrolled and activated"
+        );
         self.enrolled = true;
-        Ok(response)
+        Ok(activated)
     }
 
     /// One attestation round: enroll if needed, then challenge, quote and
-    /// evidence. If the server no longer knows the AK, enroll and try once
-    /// more.
+    /// evidence. If the server asks for enrollment (it lost or expired ours,
+    /// or never activated the AK), enroll and try once more.
     pub async fn attest_once(&mut self) -> Result<HostTrust, Error> {
         match self.round().await {
-            Err(e) if e.server_code() == Some(AK_NOT_ENROLLED) => {
-                info!("the server does not know this AK; enrolling again");
+            Err(e) if e.server_code().is_some_and(enrollment::requires_enrollment) => {
+                info!(
+                    code = e.server_code(),
+                    "the server asks for enrollment; enrolling again"
+                );
                 self.enrolled = false;
                 self.round().await
             }
@@ -298,6 +339,12 @@ mod tests {
         assert!(!not_enrolled.is_transient());
         assert_eq!(not_enrolled.server_code(), Some(AK_NOT_ENROLLED));
         assert!(Error::tpm("connect", "refused").is_transient());
+        // A malformed credential does not get better by retrying at once.
+        let bad_offer = Error::Enrollment {
+            field: "credential_blob",
+            problem: "not base64".into(),
+        };
+        assert!(!bad_offer.is_transient());
         assert!(!Error::config("host", "bad").is_transient());
     }
 }

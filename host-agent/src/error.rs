@@ -31,6 +31,14 @@ pub enum Error {
         problem: String,
     },
 
+    /// The server's enrollment answer (the credential to activate) cannot
+    /// be used as sent; `field` is the JSON field.
+    #[error("unusable enrollment answer: {field}: {problem}")]
+    Enrollment {
+        field: &'static str,
+        problem: String,
+    },
+
     /// Reading or writing the AK blobs in the state directory failed.
     #[error("state file {}: {source}", path.display())]
     State {

@@ -2,13 +2,17 @@
 //! tss-esapi and attests to the attestation server over mutual TLS.
 //!
 //! - [`config`]: the agent's configuration ([`AgentConfig`], [`config::load`]).
-//! - [`tpm`]: the TPM worker thread (AK creation and reuse, quotes).
+//! - [`tpm`]: the TPM worker thread (AK creation and reuse, EK identity,
+//!   credential activation, quotes).
+//! - [`enrollment`]: the enrollment protocol's pure parts (refusal codes,
+//!   activation proof).
 //! - [`agent`]: enrollment and the attestation loop ([`run`], [`Agent`]).
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod enrollment;
 pub mod error;
 pub mod tpm;
 

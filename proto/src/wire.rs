@@ -42,22 +42,48 @@ pub fn selection_to_map(sel: &PcrSelection) -> PcrSelectionMap {
         .collect()
 }
 
-/// `POST /v1/agents/{host}/enroll`: register the host's attestation key.
+/// `POST /v1/agents/{host}/enroll`: prove the TPM's identity and register
+/// the attestation key made under its endorsement key (docs/protocol.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
+    /// base64 of the EK certificate (DER) from the TPM's NV index; absent
+    /// when the TPM has none (accepted only for hosts the operator named).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_certificate: Option<String>,
+    /// base64 of the EK's marshalled TPM2B_PUBLIC.
+    pub ek_public: String,
     /// base64 of the AK's marshalled TPM2B_PUBLIC (`tpm2_createak -u`).
     pub ak_public: String,
 }
 
+/// The credential the agent must activate with its TPM to finish enrolling.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollResponse {
+    pub enrollment_id: String,
+    /// base64 of the marshalled TPM2B_ID_OBJECT (TPM2_MakeCredential's credentialBlob).
+    pub credential_blob: String,
+    /// base64 of the marshalled TPM2B_ENCRYPTED_SECRET.
+    pub encrypted_secret: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `POST /v1/agents/{host}/activate`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ActivateRequest {
+    pub enrollment_id: String,
+    /// hex of HMAC-SHA256 keyed by the recovered secret over the host name (UTF-8).
+    pub proof: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ActivateResponse {
     pub host: String,
-    /// hex of the AK's TPM name (nameAlg followed by the digest of its public area).
+    /// hex of the now active AK's TPM name.
     pub ak_name: String,
-    /// false when the same AK was already enrolled for this host.
-    pub created: bool,
 }
 
 /// `POST /v1/agents/{host}/challenge` answer.

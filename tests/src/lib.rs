@@ -39,6 +39,7 @@ impl Pool {
             tctis: hosts.iter().map(|(_, t)| t.clone()).collect(),
             interval,
             force: false,
+            ek_cas: vec![],
         })?;
         let mut config = ServerConfig::load(Some(&dir.path().join("server.toml")))?;
         tune(&mut config);

@@ -9,7 +9,7 @@ use e2e_tests::{attestations, Pool};
 use host_agent::tpm::Tpm;
 use host_agent::AkType;
 use proto::client::{ApiClient, ClientError};
-use proto::wire::{Challenge, EnrollRequest, EnrollResponse, Evidence, HostTrust, Trust};
+use proto::wire::{Challenge, Evidence, HostTrust, Trust};
 use proto::HashAlg;
 use std::time::Duration;
 use test_support::SwTpm;
@@ -91,34 +91,33 @@ async fn assert_untrusted_by(pool: &Pool, step: &str, code: &str) {
 async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<()> {
     test_support::require_tools()?;
     let swtpm = SwTpm::start()?;
+    let swtpm2 = SwTpm::start()?;
+    let cas = [swtpm.local_ca_certs(), swtpm2.local_ca_certs()].concat();
     let pool = Pool::start(
-        &[
-            ("node1", swtpm.tcti()),
-            ("node2", "device:/dev/null".into()),
-        ],
+        &[("node1", swtpm.tcti()), ("node2", swtpm2.tcti())],
         30,
         |c| {
             c.challenge_ttl_secs = 2;
             c.max_body_bytes = 16 * 1024;
+            c.ek_ca = cas.clone();
         },
     )
     .await?;
-    let state = tempfile::tempdir()?;
+    // Both hosts enroll through the agent's own code (ECC AKs), then the
+    // test drives node1's TPM worker directly to shape evidence.
+    for host in ["node1", "node2"] {
+        let mut config = pool.agent_config(host)?;
+        config.ak_type = AkType::Ecc;
+        let mut agent = host_agent::Agent::new(&config)?;
+        agent.enroll().await?;
+        agent.shutdown().await;
+    }
+    let mut config = pool.agent_config("node1")?;
+    config.ak_type = AkType::Ecc;
     let host = Host {
         api: pool.client("agent-node1")?,
-        tpm: Tpm::start(&swtpm.tcti(), AkType::Ecc, state.path())?,
+        tpm: Tpm::start(&swtpm.tcti(), AkType::Ecc, &config.state_dir)?,
     };
-    let ak = host.tpm.ensure_ak().await?;
-    let enrolled: EnrollResponse = host
-        .api
-        .post(
-            "/v1/agents/node1/enroll",
-            &EnrollRequest {
-                ak_public: B64.encode(&ak.public),
-            },
-        )
-        .await?;
-    assert_eq!(enrolled.ak_name, hex::encode(&ak.name));
     // Trusted baseline.
     let ch = host.challenge().await;
     host.submit(&host.evidence(&ch, None).await).await?;
@@ -170,14 +169,6 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
 
     // A nonce issued to another host.
     let node2 = pool.client("agent-node2")?;
-    let _: EnrollResponse = node2
-        .post(
-            "/v1/agents/node2/enroll",
-            &EnrollRequest {
-                ak_public: B64.encode(&ak.public),
-            },
-        )
-        .await?;
     let ch2: Challenge = node2
         .post("/v1/agents/node2/challenge", &serde_json::json!({}))
         .await?;
@@ -274,6 +265,7 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
         tctis: vec![],
         interval: 30,
         force: false,
+        ek_cas: vec![],
     })?;
     let impostor = ApiClient::new(
         &pool.url,

@@ -12,7 +12,10 @@ use test_support::SwTpm;
 async fn host_is_trusted_then_untrusted_after_a_tamper() -> anyhow::Result<()> {
     test_support::require_tools()?;
     let tpm = SwTpm::start()?;
-    let pool = Pool::start(&[("node1", tpm.tcti())], 1, |_| {}).await?;
+    let pool = Pool::start(&[("node1", tpm.tcti())], 1, |c| {
+        c.ek_ca = tpm.local_ca_certs()
+    })
+    .await?;
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
         let _ = agent_stopped.await;

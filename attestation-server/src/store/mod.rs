@@ -15,6 +15,7 @@ pub use sqlite::SqliteStore;
 use crate::verify::IssuedChallenge;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
+use proto::tpm::ClockInfo;
 use proto::wire::{HostTrust, PcrSelectionMap, PcrValues, Trust, Whitelist};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,6 +47,15 @@ pub struct HostRecord {
     /// PCR values of the last evidence that passed the integrity steps.
     pub last_pcrs: Option<PcrValues>,
     pub verdict: Option<HostTrust>,
+    /// hex name of the EK pinned to this host.
+    pub ek_name: Option<String>,
+    pub ek_certified: bool,
+    /// True once the AK's credential was activated: only then are quotes accepted.
+    pub ak_activated: bool,
+    /// An operator approved enrolling this host with another EK.
+    pub rekey_allowed: bool,
+    /// The TPM clock of the last genuine quote.
+    pub clock: Option<ClockInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,14 +76,37 @@ pub struct NewEvent {
     pub body: String,
 }
 
+/// An enrollment waiting for its credential to be activated.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EnrollOutcome {
-    Created,
-    /// The same AK was enrolled before.
-    Unchanged,
-    /// Another AK is pinned to this host.
-    Conflict {
-        enrolled_name: String,
+pub struct Enrollment {
+    pub id: String,
+    pub host: String,
+    pub ek_public: Vec<u8>,
+    pub ek_name: String,
+    /// False when the host enrolled without an EK certificate (operator-allowed).
+    pub ek_certified: bool,
+    pub ak_public: Vec<u8>,
+    pub ak_name: String,
+    /// hex HMAC-SHA256(secret, host): what the agent's proof must equal.
+    pub proof: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// An enrollment as `take_enrollment` found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenEnrollment {
+    pub enrollment: Enrollment,
+    /// True when an earlier activation attempt already used it.
+    pub used_before: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivateOutcome {
+    Activated,
+    /// The EK is pinned to another host.
+    EkInUse {
+        host: String,
     },
 }
 
@@ -83,7 +116,10 @@ pub struct AttestationRecord<'a> {
     pub verdict: &'a HostTrust,
     /// Present when the evidence was genuine (its values may become a whitelist).
     pub verified_pcrs: Option<&'a PcrValues>,
-    pub event: &'a NewEvent,
+    /// The quote's clock, when the evidence was genuine.
+    pub clock: Option<ClockInfo>,
+    /// Events to store with the verdict (the attestation, maybe a reboot).
+    pub events: &'a [NewEvent],
 }
 
 #[async_trait]
@@ -91,17 +127,27 @@ pub trait Store: Send + Sync + 'static {
     /// Register a host; false if it existed already.
     async fn register_host(&self, host: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
     async fn host(&self, host: &str) -> Result<Option<HostRecord>, StoreError>;
-    /// Pin an AK to a host (registering the host if needed), storing
-    /// `on_success` or, when another AK is pinned, `on_conflict`.
-    async fn enroll(
+    /// The host an EK is pinned to, if any.
+    async fn host_for_ek(&self, ek_name: &str) -> Result<Option<String>, StoreError>;
+    /// Store a pending enrollment with its event.
+    async fn create_enrollment(&self, e: &Enrollment, event: &NewEvent) -> Result<(), StoreError>;
+    /// Atomically mark the enrollment used if it belongs to `host` and is
+    /// unused; otherwise report what is stored without changing it.
+    async fn take_enrollment(
         &self,
+        id: &str,
         host: &str,
-        ak_public: &[u8],
-        ak_name: &str,
         now: DateTime<Utc>,
-        on_success: &NewEvent,
-        on_conflict: &NewEvent,
-    ) -> Result<EnrollOutcome, StoreError>;
+    ) -> Result<Option<TakenEnrollment>, StoreError>;
+    /// Pin the enrollment's EK and activate its AK (registering the host if
+    /// needed), with the event; refuses an EK pinned to another host.
+    async fn activate(
+        &self,
+        e: &Enrollment,
+        event: &NewEvent,
+    ) -> Result<ActivateOutcome, StoreError>;
+    /// Let the host enroll once with another EK (an operator's re-key).
+    async fn allow_rekey(&self, host: &str, event: &NewEvent) -> Result<bool, StoreError>;
     async fn insert_challenge(&self, ch: &NewChallenge) -> Result<(), StoreError>;
     /// Atomically consume the nonce if it was issued to `host` and is unused;
     /// otherwise report what is stored under it without changing it.
@@ -136,7 +182,7 @@ pub trait Store: Send + Sync + 'static {
     async fn host_events(&self, host: &str, limit: i64) -> Result<Vec<String>, StoreError>;
     async fn sink_cursor(&self, sink: &str) -> Result<i64, StoreError>;
     async fn set_sink_cursor(&self, sink: &str, seq: i64) -> Result<(), StoreError>;
-    /// Delete challenges that expired before `before`.
+    /// Delete challenges and enrollments that expired before `before`.
     async fn prune_challenges(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -218,6 +264,7 @@ macro_rules! sql_store {
                 use sqlx::Row;
                 let row = sqlx::query(
                     "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.whitelist, h.last_pcrs, \
+                     h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
                      v.trust, v.verified_at, v.expires_at, v.reasons \
                      FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1",
                 )
@@ -246,55 +293,163 @@ macro_rules! sql_store {
                     whitelist: whitelist.map(|w| $crate::store::from_json(host, "whitelist", &w)).transpose()?,
                     last_pcrs: last_pcrs.map(|p| $crate::store::from_json(host, "PCR values", &p)).transpose()?,
                     verdict,
+                    ek_name: row.try_get("ek_name")?,
+                    ek_certified: row.try_get("ek_certified")?,
+                    ak_activated: row.try_get("ak_activated")?,
+                    rekey_allowed: row.try_get("rekey_allowed")?,
+                    clock: match (
+                        row.try_get::<Option<i64>, _>("clock")?,
+                        row.try_get::<Option<i64>, _>("reset_count")?,
+                        row.try_get::<Option<i64>, _>("restart_count")?,
+                    ) {
+                        (Some(c), Some(r), Some(s)) => Some(proto::tpm::ClockInfo {
+                            clock: c as u64,
+                            reset_count: r as u32,
+                            restart_count: s as u32,
+                            safe: true,
+                        }),
+                        _ => None,
+                    },
                 }))
             }
 
-            async fn enroll(
-                &self,
-                host: &str,
-                ak_public: &[u8],
-                ak_name: &str,
-                now: chrono::DateTime<chrono::Utc>,
-                on_success: &$crate::store::NewEvent,
-                on_conflict: &$crate::store::NewEvent,
-            ) -> Result<$crate::store::EnrollOutcome, $crate::store::StoreError> {
+            async fn host_for_ek(&self, ek_name: &str) -> Result<Option<String>, $crate::store::StoreError> {
                 use sqlx::Row;
+                let row = sqlx::query("SELECT name FROM hosts WHERE ek_name = $1")
+                    .bind(ek_name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(match row {
+                    Some(r) => Some(r.try_get("name")?),
+                    None => None,
+                })
+            }
+
+            async fn create_enrollment(
+                &self,
+                e: &$crate::store::Enrollment,
+                event: &$crate::store::NewEvent,
+            ) -> Result<(), $crate::store::StoreError> {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query("INSERT INTO hosts (name, registered_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
-                    .bind(host)
-                    .bind($crate::store::micros(now))
-                    .execute(&mut *tx)
-                    .await?;
-                // Pin only if no AK is pinned yet; the UPDATE's condition makes
-                // two racing first enrollments agree on one winner.
-                let pinned = sqlx::query("UPDATE hosts SET ak_public = $1, ak_name = $2 WHERE name = $3 AND ak_name IS NULL")
-                    .bind(ak_public)
-                    .bind(ak_name)
-                    .bind(host)
-                    .execute(&mut *tx)
-                    .await?;
-                let outcome = if pinned.rows_affected() == 1 {
-                    $crate::store::EnrollOutcome::Created
-                } else {
-                    let current: Option<String> = sqlx::query("SELECT ak_name FROM hosts WHERE name = $1")
-                        .bind(host)
-                        .fetch_one(&mut *tx)
-                        .await?
-                        .try_get("ak_name")?;
-                    match current {
-                        Some(c) if c == ak_name => $crate::store::EnrollOutcome::Unchanged,
-                        other => $crate::store::EnrollOutcome::Conflict {
-                            enrolled_name: other.unwrap_or_default(),
-                        },
-                    }
-                };
-                let event = match outcome {
-                    $crate::store::EnrollOutcome::Conflict { .. } => on_conflict,
-                    _ => on_success,
-                };
+                sqlx::query(
+                    "INSERT INTO enrollments (id, host, ek_public, ek_name, ek_certified, ak_public, ak_name, proof, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                )
+                .bind(&e.id)
+                .bind(&e.host)
+                .bind(&e.ek_public)
+                .bind(&e.ek_name)
+                .bind(e.ek_certified)
+                .bind(&e.ak_public)
+                .bind(&e.ak_name)
+                .bind(&e.proof)
+                .bind($crate::store::micros(e.created_at))
+                .bind($crate::store::micros(e.expires_at))
+                .execute(&mut *tx)
+                .await?;
                 insert_event(&mut tx, event).await?;
                 tx.commit().await?;
-                Ok(outcome)
+                Ok(())
+            }
+
+            async fn take_enrollment(
+                &self,
+                id: &str,
+                host: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Option<$crate::store::TakenEnrollment>, $crate::store::StoreError> {
+                use sqlx::Row;
+                const COLUMNS: &str = "id, host, ek_public, ek_name, ek_certified, ak_public, ak_name, proof, created_at, expires_at";
+                let taken = sqlx::query(&format!(
+                    "UPDATE enrollments SET used_at = $1 WHERE id = $2 AND host = $3 AND used_at IS NULL \
+                     RETURNING {COLUMNS}, CAST(NULL AS BIGINT) AS used_at"
+                ))
+                .bind($crate::store::micros(now))
+                .bind(id)
+                .bind(host)
+                .fetch_optional(&self.pool)
+                .await?;
+                let row = match taken {
+                    Some(r) => Some(r),
+                    None => {
+                        sqlx::query(&format!("SELECT {COLUMNS}, used_at FROM enrollments WHERE id = $1"))
+                            .bind(id)
+                            .fetch_optional(&self.pool)
+                            .await?
+                    }
+                };
+                let Some(r) = row else { return Ok(None) };
+                Ok(Some($crate::store::TakenEnrollment {
+                    enrollment: $crate::store::Enrollment {
+                        id: r.try_get("id")?,
+                        host: r.try_get("host")?,
+                        ek_public: r.try_get("ek_public")?,
+                        ek_name: r.try_get("ek_name")?,
+                        ek_certified: r.try_get("ek_certified")?,
+                        ak_public: r.try_get("ak_public")?,
+                        ak_name: r.try_get("ak_name")?,
+                        proof: r.try_get("proof")?,
+                        created_at: $crate::store::from_micros(r.try_get("created_at")?),
+                        expires_at: $crate::store::from_micros(r.try_get("expires_at")?),
+                    },
+                    used_before: r.try_get::<Option<i64>, _>("used_at")?.is_some(),
+                }))
+            }
+
+            async fn activate(
+                &self,
+                e: &$crate::store::Enrollment,
+                event: &$crate::store::NewEvent,
+            ) -> Result<$crate::store::ActivateOutcome, $crate::store::StoreError> {
+                use sqlx::Row;
+                let mut tx = self.pool.begin().await?;
+                let other = sqlx::query("SELECT name FROM hosts WHERE ek_name = $1 AND name <> $2")
+                    .bind(&e.ek_name)
+                    .bind(&e.host)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(r) = other {
+                    return Ok($crate::store::ActivateOutcome::EkInUse { host: r.try_get("name")? });
+                }
+                sqlx::query("INSERT INTO hosts (name, registered_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+                    .bind(&e.host)
+                    .bind($crate::store::micros(event.time))
+                    .execute(&mut *tx)
+                    .await?;
+                // A new AK starts a new clock history.
+                sqlx::query(
+                    "UPDATE hosts SET ek_public = $1, ek_name = $2, ek_certified = $3, ak_public = $4, ak_name = $5, \
+                     ak_activated = TRUE, rekey_allowed = FALSE, clock = NULL, reset_count = NULL, restart_count = NULL \
+                     WHERE name = $6",
+                )
+                .bind(&e.ek_public)
+                .bind(&e.ek_name)
+                .bind(e.ek_certified)
+                .bind(&e.ak_public)
+                .bind(&e.ak_name)
+                .bind(&e.host)
+                .execute(&mut *tx)
+                .await?;
+                insert_event(&mut tx, event).await?;
+                // The unique index on ek_name settles a race with another host.
+                match tx.commit().await {
+                    Ok(()) => Ok($crate::store::ActivateOutcome::Activated),
+                    Err(err) => Err(err.into()),
+                }
+            }
+
+            async fn allow_rekey(&self, host: &str, event: &$crate::store::NewEvent) -> Result<bool, $crate::store::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let done = sqlx::query("UPDATE hosts SET rekey_allowed = TRUE WHERE name = $1")
+                    .bind(host)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                insert_event(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn insert_challenge(&self, ch: &$crate::store::NewChallenge) -> Result<(), $crate::store::StoreError> {
@@ -356,7 +511,18 @@ macro_rules! sql_store {
                         .execute(&mut *tx)
                         .await?;
                 }
-                insert_event(&mut tx, rec.event).await?;
+                if let Some(c) = rec.clock {
+                    sqlx::query("UPDATE hosts SET clock = $1, reset_count = $2, restart_count = $3 WHERE name = $4")
+                        .bind(c.clock as i64)
+                        .bind(i64::from(c.reset_count))
+                        .bind(i64::from(c.restart_count))
+                        .bind(host)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                for event in rec.events {
+                    insert_event(&mut tx, event).await?;
+                }
                 tx.commit().await?;
                 Ok(())
             }
@@ -469,11 +635,15 @@ macro_rules! sql_store {
             }
 
             async fn prune_challenges(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64, $crate::store::StoreError> {
-                let done = sqlx::query("DELETE FROM challenges WHERE expires_at < $1")
-                    .bind($crate::store::micros(before))
-                    .execute(&self.pool)
-                    .await?;
-                Ok(done.rows_affected())
+                let mut n = 0;
+                for table in ["challenges", "enrollments"] {
+                    let done = sqlx::query(&format!("DELETE FROM {table} WHERE expires_at < $1"))
+                        .bind($crate::store::micros(before))
+                        .execute(&self.pool)
+                        .await?;
+                    n += done.rows_affected();
+                }
+                Ok(n)
             }
 
             async fn ping(&self) -> Result<(), $crate::store::StoreError> {

@@ -5,6 +5,7 @@
 //! channel and awaits the answer, so it never blocks a runtime thread.
 
 mod ak_store;
+mod credential;
 mod pcr;
 mod worker;
 
@@ -17,6 +18,20 @@ use tokio::sync::{mpsc, oneshot};
 use tss_esapi::TctiNameConf;
 
 pub use worker::QUOTE_ATTEMPTS;
+
+/// NV index of the RSA-2048 EK certificate (TCG EK credential profile).
+pub const EK_CERT_RSA_NV_INDEX: u32 = 0x01c0_0002;
+
+/// What identifies the TPM to the server: its endorsement key (the default
+/// RSA-2048 EK, the parent of the AK) and the manufacturer's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EkIdentity {
+    /// Marshalled TPM2B_PUBLIC of the EK.
+    pub public: Vec<u8>,
+    /// DER EK certificate from NV index [`EK_CERT_RSA_NV_INDEX`]; `None`
+    /// when the TPM has none.
+    pub certificate: Option<Vec<u8>>,
+}
 
 /// The attestation key, as the server enrolls it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +109,29 @@ impl Tpm {
             selection,
             reply,
         };
+        self.call(request, answer).await
+    }
+
+    /// The EK's public area and certificate (see [`EkIdentity`]).
+    pub async fn ek_identity(&self) -> Result<EkIdentity, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.call(worker::Request::EkIdentity { reply }, answer)
+            .await
+    }
+
+    /// TPM2_ActivateCredential: recover the secret the server sealed to
+    /// this TPM's EK and AK name with TPM2_MakeCredential. `id_object` is
+    /// the marshalled TPM2B_ID_OBJECT (credentialBlob), `encrypted_secret`
+    /// the marshalled TPM2B_ENCRYPTED_SECRET, both with their size prefix.
+    /// A credential made for another EK or AK is a TPM error.
+    pub async fn activate_credential(
+        &self,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let credential = credential::parse(id_object, encrypted_secret)?;
+        let (reply, answer) = oneshot::channel();
+        let request = worker::Request::ActivateCredential { credential, reply };
         self.call(request, answer).await
     }
 

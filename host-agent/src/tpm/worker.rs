@@ -4,7 +4,8 @@
 //! tools must get their turn between attestations.
 
 use super::ak_store::{self, AkBlobs, AkStore};
-use super::{pcr, AkInfo, Quote};
+use super::credential::Credential;
+use super::{pcr, AkInfo, EkIdentity, Quote, EK_CERT_RSA_NV_INDEX};
 use crate::config::AkType;
 use crate::error::Error;
 use proto::tpm::{pcr_digest, Attest, KeyScheme, PublicKey};
@@ -13,12 +14,19 @@ use proto::HashAlg;
 use std::path::Path;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
-use tss_esapi::abstraction::{ak, ek, DefaultKey};
-use tss_esapi::handles::{KeyHandle, ObjectHandle};
+use tss_esapi::abstraction::{ak, ek, nv, DefaultKey};
+use tss_esapi::constants::{CapabilityType, SessionType};
+use tss_esapi::handles::{
+    AuthHandle, KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, SessionHandle, TpmHandle,
+};
 use tss_esapi::interface_types::algorithm::{
     AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
 };
-use tss_esapi::structures::{Data, Private, Public, PublicBuffer, SignatureScheme};
+use tss_esapi::interface_types::resource_handles::NvAuth;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    CapabilityData, Data, Private, Public, PublicBuffer, SignatureScheme, SymmetricDefinition,
+};
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::{Context, TctiNameConf};
 
@@ -34,6 +42,13 @@ pub(crate) enum Request {
         nonce: Vec<u8>,
         selection: pcr::Selection,
         reply: oneshot::Sender<Result<Quote, Error>>,
+    },
+    EkIdentity {
+        reply: oneshot::Sender<Result<EkIdentity, Error>>,
+    },
+    ActivateCredential {
+        credential: Credential,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
     },
 }
 
@@ -77,6 +92,16 @@ impl Worker {
                     reply,
                 } => {
                     let result = self.guarded("quote", |w| w.quote(&nonce, &selection));
+                    let _ = reply.send(result);
+                }
+                Request::EkIdentity { reply } => {
+                    let result = self.guarded("read EK identity", |w| w.ek_identity());
+                    let _ = reply.send(result);
+                }
+                Request::ActivateCredential { credential, reply } => {
+                    let result = self.guarded("activate credential", |w| {
+                        w.activate_credential(&credential)
+                    });
                     let _ = reply.send(result);
                 }
             }
@@ -303,6 +328,225 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// The EK's public area and, when the manufacturer stored one, its
+    /// certificate: what the server needs to trust the EK.
+    fn ek_identity(&mut self) -> Result<EkIdentity, Error> {
+        let mut ctx = self.open()?;
+        let ek = create_ek(&mut ctx)?;
+        let public = with_flush(&mut ctx, ek.into(), "EK", |ctx| ek_public(ctx, ek))?;
+        let certificate = read_ek_certificate(&mut ctx)?;
+        info!(certificate = certificate.is_some(), "EK identity read");
+        Ok(EkIdentity {
+            public,
+            certificate,
+        })
+    }
+
+    /// TPM2_ActivateCredential with the AK as the credential's object and
+    /// the EK as the key that decrypts the seed; returns the secret. The
+    /// TPM releases it only if the credential was made for this AK's name
+    /// and this EK.
+    fn activate_credential(&mut self, credential: &Credential) -> Result<Vec<u8>, Error> {
+        if self.ak.is_none() {
+            self.ensure_ak()?;
+        }
+        let Some(loaded) = self.ak.as_ref() else {
+            return Err(Error::tpm("activate credential", "no AK"));
+        };
+        let mut ctx = self.open()?;
+        let ek = create_ek(&mut ctx)?;
+        // Unlike a quote, activation needs the EK loaded next to the AK.
+        let outcome = with_flush(&mut ctx, ek.into(), "EK", |ctx| {
+            let ak = load_ak(ctx, ek, &loaded.private, &loaded.public)?;
+            with_flush(ctx, ak.into(), "AK", |ctx| {
+                activate(ctx, ak, ek, credential)
+            })
+        });
+        if matches!(
+            outcome,
+            Err(Error::Tpm {
+                operation: "load AK",
+                ..
+            })
+        ) {
+            // The TPM may have been cleared: let the next ensure decide.
+            self.ak = None;
+        }
+        outcome
+    }
+}
+
+/// Run TPM2_ActivateCredential. The default EK template has no user auth,
+/// only the policy PolicySecret(TPM_RH_ENDORSEMENT), so the EK needs a
+/// policy session satisfying it; the AK takes its (empty) password.
+fn activate(
+    ctx: &mut Context,
+    ak: KeyHandle,
+    ek: KeyHandle,
+    credential: &Credential,
+) -> Result<Vec<u8>, Error> {
+    const OPERATION: &str = "activate credential";
+    let session = ctx
+        .start_auth_session(
+            None,
+            None,
+            None,
+            SessionType::Policy,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )
+        .map_err(|e| Error::tpm("start EK policy session", e))?
+        .ok_or_else(|| Error::tpm("start EK policy session", "the TPM returned no session"))?;
+    // ESYS starts sessions with continueSession set: the session outlives
+    // every command, so it is ours to flush, whatever happens.
+    with_flush(
+        ctx,
+        SessionHandle::from(session).into(),
+        "EK policy session",
+        |ctx| {
+            let policy = PolicySession::try_from(session).map_err(|e| Error::tpm(OPERATION, e))?;
+            ctx.execute_with_nullauth_session(|ctx| {
+                ctx.policy_secret(
+                    policy,
+                    AuthHandle::Endorsement,
+                    Default::default(),
+                    Default::default(),
+                    Default::default(),
+                    None,
+                )
+            })
+            .map_err(|e| Error::tpm("satisfy EK policy", e))?;
+            let secret = ctx
+                .execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
+                    ctx.activate_credential(
+                        ak,
+                        ek,
+                        credential.id_object.clone(),
+                        credential.secret.clone(),
+                    )
+                })
+                .map_err(|e| Error::tpm(OPERATION, e))?;
+            Ok(secret.value().to_vec())
+        },
+    )
+}
+
+/// The EK's marshalled TPM2B_PUBLIC, checked with the server's decoder.
+fn ek_public(ctx: &mut Context, ek: KeyHandle) -> Result<Vec<u8>, Error> {
+    const OPERATION: &str = "read EK public area";
+    let (public, _, _) = ctx
+        .execute_without_session(|ctx| ctx.read_public(ek))
+        .map_err(|e| Error::tpm(OPERATION, e))?;
+    let bytes = PublicBuffer::try_from(public)
+        .and_then(|b| b.marshall())
+        .map_err(|e| Error::tpm(OPERATION, e))?;
+    let decoded = proto::tpm::Public::decode(&bytes).map_err(|e| Error::tpm(OPERATION, e))?;
+    let rsa_2048_decrypt = matches!(decoded.key, PublicKey::Rsa { key_bits: 2048, .. })
+        && decoded.has(proto::tpm::attr::RESTRICTED)
+        && decoded.has(proto::tpm::attr::DECRYPT);
+    if !rsa_2048_decrypt {
+        return Err(Error::tpm(
+            OPERATION,
+            "the EK is not a restricted RSA-2048 decryption key",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The RSA EK certificate (DER) from its NV index, or `None` when the TPM
+/// has no such index (many firmware TPMs do not ship one).
+fn read_ek_certificate(ctx: &mut Context) -> Result<Option<Vec<u8>>, Error> {
+    const OPERATION: &str = "read EK certificate";
+    let index =
+        NvIndexTpmHandle::new(EK_CERT_RSA_NV_INDEX).map_err(|e| Error::tpm(OPERATION, e))?;
+    // Ask first rather than interpret a failed read: only "absent" is normal.
+    let (handles, _) = ctx
+        .execute_without_session(|ctx| {
+            ctx.get_capability(CapabilityType::Handles, EK_CERT_RSA_NV_INDEX, 1)
+        })
+        .map_err(|e| Error::tpm(OPERATION, e))?;
+    let present = match handles {
+        CapabilityData::Handles(list) => list.into_inner().contains(&TpmHandle::NvIndex(index)),
+        _ => return Err(Error::tpm(OPERATION, "the TPM answered another capability")),
+    };
+    if !present {
+        return Ok(None);
+    }
+    let mut nv_object = ctx
+        .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(index)))
+        .map_err(|e| Error::tpm(OPERATION, e))?;
+    let attributes = match ctx
+        .execute_without_session(|ctx| ctx.nv_read_public(NvIndexHandle::from(nv_object)))
+    {
+        Ok((nv_public, _)) => nv_public.attributes(),
+        Err(e) => {
+            close_quietly(ctx, &mut nv_object);
+            return Err(Error::tpm(OPERATION, e));
+        }
+    };
+    // The EK credential profile makes the index readable with its own
+    // empty auth; the owner's auth may be set on a managed machine.
+    let auth = if attributes.auth_read() {
+        NvAuth::NvIndex(NvIndexHandle::from(nv_object))
+    } else if attributes.owner_read() {
+        NvAuth::Owner
+    } else {
+        close_quietly(ctx, &mut nv_object);
+        return Err(Error::tpm(
+            OPERATION,
+            "the NV index is readable neither with its own auth nor the owner's",
+        ));
+    };
+    // read_full looks the index up again and gets this same ESYS object
+    // (ESYS keeps one per TPM handle), which it closes when done; if it
+    // fails before that, dropping the context closes it.
+    let outcome = ctx
+        .execute_with_nullauth_session(|ctx| nv::read_full(ctx, auth, index))
+        .map_err(|e| Error::tpm(OPERATION, e));
+    let mut certificate = outcome?;
+    if certificate.is_empty() {
+        return Err(Error::tpm(OPERATION, "the NV index is empty"));
+    }
+    // Some TPMs pad the index past the certificate; the server wants DER.
+    certificate.truncate(der_len(&certificate).unwrap_or(certificate.len()));
+    Ok(Some(certificate))
+}
+
+/// The length of the DER SEQUENCE (header included) at the start of
+/// `bytes`, if it starts with one that fits.
+fn der_len(bytes: &[u8]) -> Option<usize> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (header, content) = if first < 0x80 {
+        (2, usize::from(first))
+    } else {
+        // Long form: the low bits count the big-endian length bytes.
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 {
+            return None;
+        }
+        let len = rest
+            .get(..count)?
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (2 + count, len)
+    };
+    let total = header.checked_add(content)?;
+    (total <= bytes.len()).then_some(total)
+}
+
+/// Release an ESYS object that names an NV index. It is bookkeeping in the
+/// TSS, not a TPM slot, and the context is dropped after each request anyway.
+fn close_quietly(ctx: &mut Context, object: &mut ObjectHandle) {
+    if let Err(e) = ctx.tr_close(object) {
+        debug!(error = %e, "cannot close an ESYS object");
+    }
+}
+
 fn create_ek(ctx: &mut Context) -> Result<KeyHandle, Error> {
     // The default RSA-2048 EK template always yields the same key from the
     // endorsement seed, so AK blobs made under it load again later.
@@ -468,6 +712,24 @@ mod tests {
         let wider: pcr::Selection = [(HashAlg::Sha256, [0u8, 7, 8].into_iter().collect())].into();
         assert!(quote_matches(&a, &signature(), &nonce, &wider, &values(1)).is_err());
         assert!(quote_matches(&a[..10], &signature(), &nonce, &selection(), &values(1)).is_err());
+    }
+
+    #[test]
+    fn der_length_drops_nv_padding() {
+        // SEQUENCE, long form length 0x0105, content, then padding.
+        let mut cert = vec![0x30, 0x82, 0x01, 0x05];
+        cert.extend([7u8; 0x105]);
+        let exact = cert.len();
+        assert_eq!(der_len(&cert), Some(exact));
+        cert.extend([0xff; 20]);
+        assert_eq!(der_len(&cert), Some(exact));
+        assert_eq!(der_len(&[0x30, 0x03, 1, 2, 3, 0, 0]), Some(5));
+        // Not DER, or claiming more than there is: leave it alone.
+        assert_eq!(der_len(&[0x30, 0x82, 0x01]), None);
+        assert_eq!(der_len(&[0x30, 0x82, 0x01, 0x05, 1]), None);
+        assert_eq!(der_len(&[0x04, 0x01, 1]), None);
+        assert_eq!(der_len(&[0x30, 0x80, 1]), None);
+        assert_eq!(der_len(&[]), None);
     }
 
     #[test]
