@@ -68,6 +68,14 @@ async fn begin(
     check_ak_attributes(&ak)?;
     let ek_name = hex::encode(ek.name());
     let ak_name = ak.name();
+    if let Some(claimed) = &req.ak_name {
+        if !claimed.eq_ignore_ascii_case(&hex::encode(&ak_name)) {
+            return Err(Error::AkNameMismatch {
+                claimed: claimed.clone(),
+                computed: hex::encode(&ak_name),
+            });
+        }
+    }
 
     let ek_certified = match &req.ek_certificate {
         Some(c) => {

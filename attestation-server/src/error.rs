@@ -42,6 +42,8 @@ pub enum Error {
     NotActivated { host: String },
     #[error("invalid attestation key: {0}")]
     BadAk(String),
+    #[error("AK name {claimed} is not the digest of the AK's public area ({computed})")]
+    AkNameMismatch { claimed: String, computed: String },
     #[error("invalid endorsement key: {0}")]
     BadEk(String),
     #[error("EK certificate refused: {0}")]
@@ -91,7 +93,12 @@ impl Error {
             BadClientCertificate(_) | Forbidden { .. } | HostMismatch { .. } => {
                 StatusCode::FORBIDDEN
             }
-            InvalidHostName(_) | BadBody(_) | BadAk(_) | BadEk(_) | BadWhitelist(_)
+            InvalidHostName(_)
+            | BadBody(_)
+            | BadAk(_)
+            | AkNameMismatch { .. }
+            | BadEk(_)
+            | BadWhitelist(_)
             | Credential(_) => StatusCode::BAD_REQUEST,
             EkCertificate(e) => match e {
                 crate::ekcert::EkCertError::Malformed { .. }
@@ -133,6 +140,7 @@ impl Error {
             NotEnrolled { .. } => "ak_not_enrolled",
             NotActivated { .. } => "ak_not_activated",
             BadAk(_) => "ak_invalid",
+            AkNameMismatch { .. } => "ak_name_mismatch",
             BadEk(_) => "ek_invalid",
             EkCertificate(e) => match e {
                 crate::ekcert::EkCertError::Malformed { .. } => "ek_certificate_malformed",

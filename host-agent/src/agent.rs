@@ -107,6 +107,7 @@ impl Agent {
             ek_certificate: ek.certificate.as_deref().map(|der| BASE64.encode(der)),
             ek_public: BASE64.encode(&ek.public),
             ak_public: BASE64.encode(&ak.public),
+            ak_name: Some(hex::encode(&ak.name)),
         };
         let offer: EnrollResponse = self.client.post(&self.path("enroll"), &request).await?;
         let (id_object, encrypted_secret) = enrollment::decode_credential(&offer)?;

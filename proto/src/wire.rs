@@ -55,6 +55,10 @@ pub struct EnrollRequest {
     pub ek_public: String,
     /// base64 of the AK's marshalled TPM2B_PUBLIC (`tpm2_createak -u`).
     pub ak_public: String,
+    /// hex of the AK's name as the TPM reports it (`tpm2_createak -n`);
+    /// when given it must be the name-algorithm digest of `ak_public`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ak_name: Option<String>,
 }
 
 /// The credential the agent must activate with its TPM to finish enrolling.

@@ -39,6 +39,7 @@ impl Machine {
             ek_certificate: ek.certificate.map(|c| B64.encode(c)),
             ek_public: B64.encode(ek.public),
             ak_public: B64.encode(ak.public),
+            ak_name: Some(hex::encode(ak.name)),
         })
     }
 
@@ -231,6 +232,11 @@ async fn identity_is_proven_pinned_and_refusals_are_audited() -> anyhow::Result<
     not_ak.ak_public = not_ak.ek_public.clone();
     let (status, code, _) = code_of(enroll(&n3, "node3", &not_ak).await);
     assert_eq!((status, code.as_str()), (400, "ak_invalid"));
+    // An AK name that is not the digest of the AK's public area.
+    let mut wrong_name = a.request().await?;
+    wrong_name.ak_name = Some("000b".to_string() + &"11".repeat(32));
+    let (status, code, _) = code_of(enroll(&n3, "node3", &wrong_name).await);
+    assert_eq!((status, code.as_str()), (400, "ak_name_mismatch"));
     // No EK certificate: refused unless the operator allowed this host.
     let mut bare = c.request().await?;
     bare.ek_certificate = None;
@@ -309,6 +315,7 @@ async fn identity_is_proven_pinned_and_refusals_are_audited() -> anyhow::Result<
         "ek_certificate_key_mismatch",
         "ek_certificate_malformed",
         "ak_invalid",
+        "ak_name_mismatch",
         "ek_certificate_required",
         "ek_in_use",
     ] {
