@@ -409,12 +409,16 @@ async fn register_host(
     detail(&st, &req.host).await.map(Json)
 }
 
-pub(crate) async fn detail(st: &AppState, host: &str) -> Result<HostDetail, Error> {
-    let r = st
-        .store
+/// The host's record, or `unknown_host`.
+async fn known_host(st: &AppState, host: &str) -> Result<HostRecord, Error> {
+    st.store
         .host(host)
         .await?
-        .ok_or_else(|| Error::UnknownHost(host.to_string()))?;
+        .ok_or_else(|| Error::UnknownHost(host.to_string()))
+}
+
+pub(crate) async fn detail(st: &AppState, host: &str) -> Result<HostDetail, Error> {
+    let r = known_host(st, host).await?;
     Ok(HostDetail {
         verdict: current_trust(host, r.verdict, Utc::now()),
         host: r.name,
@@ -458,11 +462,7 @@ async fn get_whitelist(
 ) -> Result<Json<Whitelist>, Error> {
     caller.require(&[Role::Admin], "read whitelists")?;
     valid_host(&host)?;
-    let r = st
-        .store
-        .host(&host)
-        .await?
-        .ok_or_else(|| Error::UnknownHost(host.clone()))?;
+    let r = known_host(&st, &host).await?;
     Ok(Json(r.whitelist.unwrap_or_default()))
 }
 
@@ -485,11 +485,7 @@ async fn accept_whitelist(
 ) -> Result<Json<HostDetail>, Error> {
     caller.require(&[Role::Admin], "change whitelists")?;
     valid_host(&host)?;
-    let r = st
-        .store
-        .host(&host)
-        .await?
-        .ok_or_else(|| Error::UnknownHost(host.clone()))?;
+    let r = known_host(&st, &host).await?;
     let pcrs = r.last_pcrs.ok_or_else(|| Error::NoEvidence(host.clone()))?;
     let wl = Whitelist {
         pcrs: pcrs
@@ -514,11 +510,7 @@ async fn set_whitelist(
     host: &str,
     wl: Whitelist,
 ) -> Result<Json<HostDetail>, Error> {
-    let r = st
-        .store
-        .host(host)
-        .await?
-        .ok_or_else(|| Error::UnknownHost(host.to_string()))?;
+    let r = known_host(st, host).await?;
     let now = Utc::now();
     // Re-judge only a verdict that came from genuine evidence (its reasons,
     // if any, are whitelist faults): those are the values in last_pcrs.
