@@ -107,7 +107,8 @@ trap 'echo "demo: terminated" >&2; exit 143' TERM
 start_process() {
     local name=$1 log=$2
     shift 2
-    "$@" >"$log" 2>&1 &
+    # NO_COLOR: plain log files, without terminal colour codes.
+    NO_COLOR=1 "$@" >"$log" 2>&1 &
     NAMES+=("$name")
     PID_OF[$name]=$!
     LOG_OF[$name]=$log
@@ -297,8 +298,10 @@ say "one CA; certificates with OU=agent (CN=node1, CN=node2), OU=scheduler, OU=a
 section "Starting the attestation server and the host agents"
 start_process attestation-server "$WORK/server.log" \
     "$BIN/attestation-server" --config "$POOL/server.toml"
-server_listening() { (exec 3<>"/dev/tcp/127.0.0.1/$server_port") 2>/dev/null; }
-wait_for "attestation server listening on 127.0.0.1:$server_port" 30 server_listening
+# Ready when it answers an admin over mutual TLS (a bare TCP probe would
+# only log a refused handshake).
+server_answers() { verdicts >/dev/null; }
+wait_for "answer from the attestation server on 127.0.0.1:$server_port" 30 server_answers
 say "attestation-server: pid ${PID_OF[attestation-server]}, https://127.0.0.1:$server_port (mutual TLS), log $WORK/server.log"
 for host in "${HOSTS[@]}"; do
     start_process "agent-$host" "$WORK/agent-$host.log" \
@@ -310,6 +313,11 @@ section "First verdicts: genuine evidence, but no whitelist yet"
 say "each agent enrolls its attestation key, then answers a challenge every ${INTERVAL} s with a TPM quote"
 wait_for "verdict for both hosts (see $WORK/server.log and $WORK/agent-*.log)" \
     "$FIRST_VERDICT_TIMEOUT" all_verified
+# Servers that check EK certificates log each one they verified.
+if grep -q 'EK certificate verified' "$WORK/server.log"; then
+    say "at enrollment the server verified each TPM's EK certificate:"
+    grep -h 'EK certificate verified' "$WORK/server.log" | sed 's/^[^ ]* *INFO *[^ ]* /  /'
+fi
 echo "\$ attestctl trust ${HOSTS[*]}"
 print_verdicts
 for host in "${HOSTS[@]}"; do
