@@ -134,7 +134,9 @@ impl EkRoots {
                 roots.add_file(path, true)?;
             }
         }
-        if roots.certs.is_empty() {
+        // No paths is a valid (if strict) configuration: no EK certificate
+        // chains. Paths that hold no certificate are a mistake.
+        if roots.certs.is_empty() && !paths.is_empty() {
             let path = paths.first().cloned().unwrap_or_default();
             return Err(EkCertError::NoCertificates { path });
         }
@@ -960,6 +962,9 @@ mod tests {
             EkRoots::load(&[empty.path().to_path_buf()]),
             Err(EkCertError::NoCertificates { .. })
         ));
+        // No configured CA at all: a valid, strict configuration.
+        let none = EkRoots::load(&[]).unwrap();
+        assert_eq!((none.root_count(), none.intermediate_count()), (0, 0));
         // A self-signed certificate with a broken signature is corrupt.
         let mut broken = c.root.clone();
         let last = broken.len() - 1;

@@ -145,7 +145,7 @@ impl Trust {
 #[serde(deny_unknown_fields)]
 pub struct Reason {
     /// The verification step that decided (`decode`, `signature`, `nonce`,
-    /// `pcr_selection`, `pcr_digest`, `whitelist`, `freshness`).
+    /// `pcr_selection`, `pcr_digest`, `clock`, `whitelist`, `freshness`).
     pub step: String,
     /// Stable machine-readable code, e.g. `pcr_not_whitelisted`.
     pub code: String,

@@ -34,7 +34,12 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("attestation-server: {e}");
-            ExitCode::FAILURE
+            // Configuration found unusable at start (e.g. an ek_ca file) is
+            // still a configuration error.
+            match e {
+                attestation_server::error::Error::Config { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

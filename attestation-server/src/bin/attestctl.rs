@@ -8,10 +8,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match ctl::run(cli).await {
         Ok(value) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&value).unwrap_or_default()
-            );
+            // A closed pipe (`attestctl … | head`) is not worth a panic.
+            use std::io::Write;
+            let text = serde_json::to_string_pretty(&value).unwrap_or_default();
+            let _ = writeln!(std::io::stdout(), "{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
