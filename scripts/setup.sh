@@ -95,4 +95,16 @@ if [[ -z "$minor" || "$minor" -lt "$required_minor" ]]; then
     die "$cargo_version is older than 1.$required_minor; run 'rustup update stable'"
 fi
 say "$cargo_version"
+
+# pycadf: the OpenStack reference CADF library; scripts/check-cadf.py loads
+# every audit event kind with it (scripts/test.sh). Installed per user.
+if python3 -c 'import pycadf' 2>/dev/null; then
+    say "already installed: pycadf (python)"
+else
+    command -v python3 >/dev/null || die "python3 not found (needed for the pycadf check)"
+    say "installing: pycadf (python3 -m pip install --user)"
+    python3 -m pip install --user --quiet pycadf ||
+        python3 -m pip install --user --quiet --break-system-packages pycadf
+    python3 -c 'import pycadf' || die "pycadf is still not importable"
+fi
 say "done: build with 'cargo build --workspace', test with 'cargo test --workspace'"

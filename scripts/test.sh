@@ -14,4 +14,11 @@ echo "== cargo clippy (unwrap/expect/panic denied outside tests)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test"
+rm -rf "${CARGO_TARGET_DIR:-target}/cadf-samples"
 cargo test --workspace --locked
+
+# The tests dump one event of every kind they made the server emit
+# (attestation-server/tests/audit_trail.rs, tests/tests/audit.rs); pycadf must
+# accept each without a warning.
+echo "== CADF conformance (pycadf)"
+python3 -W error scripts/check-cadf.py "${CARGO_TARGET_DIR:-target}"/cadf-samples/*.jsonl

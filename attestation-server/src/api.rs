@@ -42,6 +42,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/hosts/{host}/whitelist/accept", post(accept_whitelist))
         .route("/v1/trust/query", post(trust_query))
+        .route("/v1/events", get(crate::audit::query::list_events))
+        .route("/v1/audit/status", get(crate::audit::query::audit_status))
+        .route("/v1/hosts/{host}/token", get(crate::token::host_token))
+        .route("/.well-known/jwks.json", get(crate::token::jwks))
+        .route(
+            "/v1/subscriptions",
+            post(crate::push::subscribe).get(crate::push::list),
+        )
+        .route(
+            "/v1/subscriptions/{id}",
+            axum::routing::delete(crate::push::unsubscribe),
+        )
+        .route("/v1/placements", post(crate::placement::report))
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -183,6 +196,7 @@ async fn evidence(
         return Err(e);
     }
     let (record, ak) = enrolled(st.store.host(&host).await?, &host)?;
+    let trust_before = current_trust(&host, record.verdict.clone(), now).trust;
     let result = match body {
         Ok(Body(ev)) => {
             let nonce = ev.nonce.to_ascii_lowercase();
@@ -238,6 +252,8 @@ async fn evidence(
             };
             st.store.record_attestation(&host, rec).await?;
             st.audit_wake.notify_one();
+            st.push
+                .report(&host, trust_before, verified.verdict.trust, now);
             tracing::info!(
                 host,
                 trust = verified.verdict.trust.as_str(),
@@ -281,6 +297,7 @@ async fn evidence(
             };
             st.store.record_attestation(&host, rec).await?;
             st.audit_wake.notify_one();
+            st.push.report(&host, trust_before, verdict.trust, now);
             tracing::warn!(host, code = err.code(), error = %err, "evidence refused");
             Err(err)
         }
@@ -546,6 +563,11 @@ async fn set_whitelist(
     st.store
         .set_whitelist(host, &wl, rejudged.as_ref(), &ev)
         .await?;
+    if let Some(v) = &rejudged {
+        let before = current_trust(host, r.verdict.clone(), now).trust;
+        let after = current_trust(host, Some(v.clone()), now).trust;
+        st.push.report(host, before, after, now);
+    }
     st.audit_wake.notify_one();
     detail(st, host).await.map(Json)
 }

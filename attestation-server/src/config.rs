@@ -34,7 +34,10 @@ pub struct ServerConfig {
     /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`.
     pub database_url: Secret,
     /// JSON-lines file every audit event is appended to; none to disable.
+    /// Shorthand for `[audit.file] path = …` (which wins when both are set).
     pub audit_file: Option<PathBuf>,
+    /// Audit trail: sinks, retention, hash-chain checkpoints.
+    pub audit: crate::audit::AuditConfig,
     /// How long a verdict stays valid without new evidence.
     pub freshness_secs: u64,
     /// How long an issued nonce can be answered.
@@ -52,6 +55,41 @@ pub struct ServerConfig {
     /// How long an enrollment's credential can be activated.
     pub enrollment_ttl_secs: u64,
     pub tls: ServerTls,
+    /// PKCS#8 PEM P-256 key that signs host-trust tokens and trust-change
+    /// notifications; none disables both.
+    pub token_key: Option<PathBuf>,
+    /// Longest lifetime of a host-trust token (never past the verdict's expiry).
+    pub token_ttl_secs: u64,
+    /// CA bundle that trust-change subscribers' HTTPS certificates must chain
+    /// to; none means the pool CA (`tls.client_ca`).
+    pub push_ca: Option<PathBuf>,
+    /// OpenAttestation-compatible listener for OpenStack Nova's TrustedFilter.
+    pub oat: OatConfig,
+}
+
+/// The `[oat]` section: the PollHosts listener (off unless `listen` is set).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OatConfig {
+    /// Address of the HTTPS listener (server certificate, no client certificate).
+    pub listen: Option<SocketAddr>,
+    /// Path prefix of `PollHosts` (nova.conf `attestation_api_url`).
+    pub api_url: String,
+    /// Shared secret Nova sends as `x-auth-blob` (`attestation_auth_blob`).
+    pub auth_blob: Secret,
+    /// Most hosts one poll may name.
+    pub max_hosts: usize,
+}
+
+impl Default for OatConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            api_url: "/OpenAttestationWebServices/V1.0".into(),
+            auth_blob: Secret::default(),
+            max_hosts: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,6 +110,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             database_url: Secret("sqlite://attest.db".into()),
             audit_file: None,
+            audit: crate::audit::AuditConfig::default(),
             freshness_secs: 120,
             challenge_ttl_secs: 60,
             max_body_bytes: 64 * 1024,
@@ -86,6 +125,10 @@ impl Default for ServerConfig {
                 key: "server.key".into(),
                 client_ca: "ca.pem".into(),
             },
+            token_key: None,
+            token_ttl_secs: 300,
+            push_ca: None,
+            oat: OatConfig::default(),
         }
     }
 }
@@ -128,7 +171,14 @@ impl ServerConfig {
         if let Some(a) = self.audit_file.as_mut() {
             fix(a);
         }
+        self.audit.resolve_paths(base);
         self.ek_ca.iter_mut().for_each(fix);
+        if let Some(k) = self.token_key.as_mut() {
+            fix(k);
+        }
+        if let Some(c) = self.push_ca.as_mut() {
+            fix(c);
+        }
         // sqlite://relative/path is relative to the config file too.
         if let Some(rest) = self.database_url.0.strip_prefix("sqlite://") {
             let (path, query) = rest
@@ -151,6 +201,7 @@ impl ServerConfig {
                 problem,
             })
         };
+        self.audit.validate()?;
         if self.freshness_secs == 0 {
             return bad("freshness_secs", "must be at least 1".into());
         }
@@ -182,6 +233,25 @@ impl ServerConfig {
                 "database_url",
                 "must start with sqlite:// or postgres://".into(),
             );
+        }
+        if self.token_ttl_secs == 0 {
+            return bad("token_ttl_secs", "must be at least 1".into());
+        }
+        if self.oat.listen.is_some() && self.oat.auth_blob.0.is_empty() {
+            return bad(
+                "oat.auth_blob",
+                "must be set when oat.listen is (Nova's attestation_auth_blob)".into(),
+            );
+        }
+        if !self.oat.api_url.starts_with('/') || self.oat.api_url.ends_with('/') {
+            return bad(
+                "oat.api_url",
+                "must start with / and not end with / (e.g. /OpenAttestationWebServices/V1.0)"
+                    .into(),
+            );
+        }
+        if self.oat.max_hosts == 0 {
+            return bad("oat.max_hosts", "must be at least 1".into());
         }
         if self.pcr_selection.values().all(|v| v.is_empty()) {
             return bad("pcr_selection", "must select at least one PCR".into());

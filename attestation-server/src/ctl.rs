@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a development PKI and ready-to-run config files.
-    Init(InitArgs),
+    Init(InitCommand),
     /// Register, show and inspect hosts.
     #[command(subcommand)]
     Host(HostCommand),
@@ -39,6 +39,35 @@ pub enum Command {
     Whitelist(WhitelistCommand),
     /// Print the current verdict of each host.
     Trust { hosts: Vec<String> },
+    /// The audit trail: delivery status, export, tamper check.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Delivery lag and backlog of each audit sink, the chain head and the
+    /// last signed checkpoint (calls the server with admin.toml).
+    Status,
+    /// Write every stored event (with its chain links) and every signed
+    /// checkpoint as JSON lines; reads the server's database directly.
+    Export {
+        /// The server's configuration (for its database URL).
+        #[arg(long)]
+        server_config: PathBuf,
+        /// Where to write the JSON lines.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an exported log: exits 1 naming the first event that was
+    /// altered, removed or reordered, or a checkpoint that does not verify.
+    Verify {
+        file: PathBuf,
+        /// The server's checkpoint key: a PUBLIC KEY PEM, or the PKCS#8
+        /// private key (token_key / audit.key) itself.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +117,28 @@ pub struct InitArgs {
     /// must chain to; repeat for roots and intermediates.
     #[arg(long = "ek-ca")]
     pub ek_cas: Vec<PathBuf>,
+}
+
+/// `attestctl init`'s flags: the pool, and optional integrations.
+#[derive(Debug, clap::Args)]
+pub struct InitCommand {
+    #[command(flatten)]
+    pub pool: InitArgs,
+    #[command(flatten)]
+    pub extras: InitExtras,
+    #[command(flatten)]
+    pub audit: crate::audit::ctl::AuditInitArgs,
+}
+
+/// Flags of `init` beyond the pool itself.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct InitExtras {
+    /// Serve OpenStack Nova's PollHosts (OpenAttestation API) on 127.0.0.1:PORT.
+    #[arg(long, requires = "oat_blob")]
+    pub oat_port: Option<u16>,
+    /// The shared secret Nova sends as x-auth-blob (nova.conf attestation_auth_blob).
+    #[arg(long, requires = "oat_port")]
+    pub oat_blob: Option<String>,
 }
 
 /// `admin.toml`: where the server is and which admin certificate to use.
@@ -155,6 +206,11 @@ pub struct InitSummary {
 }
 
 pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
+    init_with(args, &InitExtras::default())
+}
+
+/// `init` with the optional integrations switched on.
+pub fn init_with(args: &InitArgs, extras: &InitExtras) -> Result<InitSummary, Error> {
     let bad = |key: &str, problem: String| Error::Config {
         key: key.into(),
         problem,
@@ -180,6 +236,29 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
     if args.server_port == 0 {
         return Err(bad("--server-port", "must be a fixed port".into()));
     }
+    let oat = match (extras.oat_port, extras.oat_blob.as_deref()) {
+        (Some(0), _) => return Err(bad("--oat-port", "must be a fixed port".into())),
+        (Some(p), _) if p == args.server_port => {
+            return Err(bad("--oat-port", "must differ from --server-port".into()))
+        }
+        (Some(_), Some(b))
+            if b.is_empty() || b.contains(['"', '\\']) || b.chars().any(char::is_control) =>
+        {
+            return Err(bad(
+                "--oat-blob",
+                "must be non-empty, without quotes, backslashes or control characters".into(),
+            ))
+        }
+        (Some(p), Some(b)) => format!(
+            "\n# OpenStack Nova TrustedFilter (OpenAttestation PollHosts); see docs/nova.md.\n\
+             [oat]\n\
+             listen = \"127.0.0.1:{p}\"\n\
+             api_url = \"/OpenAttestationWebServices/V1.0\"\n\
+             auth_blob = \"{b}\"\n\
+             max_hosts = 1000\n"
+        ),
+        _ => String::new(),
+    };
     for ca in &args.ek_cas {
         if !ca.is_file() {
             return Err(bad("--ek-ca", format!("{} is not a file", ca.display())));
@@ -209,6 +288,14 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
     ca.issue_client("scheduler", "scheduler")?
         .write(dir, "scheduler")?;
     ca.issue_client("admin", "admin")?.write(dir, "admin")?;
+    // Reads the audit trail only (GET /v1/events, /v1/audit/status).
+    ca.issue_client("auditor", "auditor")?
+        .write(dir, "auditor")?;
+    pki::write(
+        &dir.join("token-signing.key"),
+        &crate::token::generate_key_pem()?,
+        true,
+    )?;
 
     let url = format!("https://127.0.0.1:{}", args.server_port);
     // A verdict outlives a few missed rounds, not more.
@@ -237,6 +324,12 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
          # Hosts whose TPM may enroll without an EK certificate (audited).\n\
          allow_without_ek_certificate = []\n\
          enrollment_ttl_secs = 300\n\n\
+         # ES256 key that signs host-trust tokens (GET /v1/hosts/HOST/token) and\n\
+         # trust-change notifications; its public half is at /.well-known/jwks.json.\n\
+         token_key = \"token-signing.key\"\n\
+         token_ttl_secs = 300\n\
+         # CA bundle for subscribers' HTTPS certificates (default: tls.client_ca).\n\
+         # push_ca = \"subscribers-ca.pem\"\n\n\
          [pcr_selection]\n\
          sha256 = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n\n\
          [tls]\n\
@@ -245,6 +338,7 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
          client_ca = \"ca.pem\"\n",
         port = args.server_port
     );
+    let server = format!("{server}{oat}");
     pki::write(&server_config, &server, false)?;
 
     let client_toml = |name: &str| {
@@ -276,6 +370,7 @@ pub fn init(args: &InitArgs) -> Result<InitSummary, Error> {
     pki::write(&scheduler_config, &client_toml("scheduler"), false)?;
     let admin_config = dir.join("admin.toml");
     pki::write(&admin_config, &client_toml("admin"), false)?;
+    pki::write(&dir.join("auditor.toml"), &client_toml("auditor"), false)?;
     Ok(InitSummary {
         dir: dir.clone(),
         server_config,
@@ -294,13 +389,22 @@ pub enum CtlError {
     Client(#[from] proto::client::ClientError),
     #[error("cannot read {path}: {detail}")]
     Input { path: String, detail: String },
+    #[error("audit log check failed: {problem}")]
+    AuditVerify { problem: String },
 }
 
 /// Run one verb; the answer is printed as JSON by the binary.
 pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
-    if let Command::Init(args) = &cli.command {
-        let summary = init(args)?;
+    if let Command::Init(cmd) = &cli.command {
+        crate::audit::ctl::check(&cmd.audit)?;
+        let summary = init_with(&cmd.pool, &cmd.extras)?;
+        crate::audit::ctl::init(&cmd.pool, &cmd.audit, &summary)?;
         return Ok(serde_json::to_value(summary).unwrap_or_default());
+    }
+    if let Command::Audit(cmd) = &cli.command {
+        if let Some(answer) = crate::audit::ctl::run_local(cmd).await? {
+            return Ok(answer);
+        }
     }
     let path = cli.config.clone().ok_or_else(|| Error::Config {
         key: "--config".into(),
@@ -309,6 +413,7 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
     let api = CtlConfig::load(&path)?.client()?;
     let value = match cli.command {
         Command::Init(_) => serde_json::Value::Null,
+        Command::Audit(_) => api.get::<serde_json::Value>("/v1/audit/status").await?,
         Command::Host(HostCommand::Register { host }) => to_json(
             api.post::<_, HostDetail>("/v1/hosts", &RegisterHost { host })
                 .await?,

@@ -83,6 +83,28 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    // Scheduler integration (OAT PollHosts, tokens, push, placements).
+    #[error("missing or wrong x-auth-blob header")]
+    OatUnauthorized,
+    #[error("{count} {what} in one request; at most {max}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error("this server has no token_key configured: tokens and notifications are off")]
+    TokenSigningDisabled,
+    #[error("token signing failed: {0}")]
+    Token(#[from] proto::token::TokenError),
+    #[error("no subscription {0}")]
+    SubscriptionUnknown(String),
+    #[error("invalid subscription: {0}")]
+    BadSubscription(String),
+    // Audit trail (events query, export, verify).
+    #[error("invalid query parameter {name}: {problem}")]
+    InvalidParameter { name: String, problem: String },
+    #[error("audit signing key: {0}")]
+    AuditKey(#[from] crate::audit::chain::KeyError),
 }
 
 impl Error {
@@ -121,6 +143,14 @@ impl Error {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Config { .. } | TlsSetup(_) | Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            OatUnauthorized => StatusCode::UNAUTHORIZED,
+            TooMany { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            TokenSigningDisabled => StatusCode::SERVICE_UNAVAILABLE,
+            Token(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubscriptionUnknown(_) => StatusCode::NOT_FOUND,
+            BadSubscription(_) => StatusCode::BAD_REQUEST,
+            InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            AuditKey(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -166,6 +196,14 @@ impl Error {
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
             Io { .. } => "io_error",
+            OatUnauthorized => "oat_auth_failed",
+            TooMany { .. } => "too_many",
+            TokenSigningDisabled => "token_signing_disabled",
+            Token(_) => "token_error",
+            SubscriptionUnknown(_) => "subscription_unknown",
+            BadSubscription(_) => "subscription_invalid",
+            InvalidParameter { .. } => "invalid_parameter",
+            AuditKey(_) => "audit_key_invalid",
         }
     }
 }

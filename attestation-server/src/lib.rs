@@ -13,9 +13,13 @@ pub mod ctl;
 pub mod ekcert;
 pub mod enroll;
 pub mod error;
+pub mod oat;
 pub mod pki;
+pub mod placement;
+pub mod push;
 pub mod store;
 pub mod tls;
+pub mod token;
 pub mod verify;
 
 use crate::config::ServerConfig;
@@ -36,11 +40,19 @@ use tower::ServiceExt;
 pub struct AppState {
     pub config: ServerConfig,
     pub store: Arc<dyn Store>,
-    /// Wakes the audit deliverer after an event was committed.
+    /// Wakes the audit deliverers after an event was committed.
     pub audit_wake: Arc<Notify>,
+    /// Delivery health of each audit sink (`GET /v1/audit/status`).
+    pub audit_board: Arc<audit::sinks::StatusBoard>,
+    /// Bounds how many refused requests per second are audited.
+    pub audit_refusals: audit::tasks::RefusalBudget,
     pub tls: Arc<rustls::ServerConfig>,
     /// Trust anchors and intermediates for EK certificates.
     pub ek_roots: ekcert::EkRoots,
+    /// Signs host-trust tokens and trust-change notifications (`token_key`).
+    pub token: Option<Arc<token::Signer>>,
+    /// Trust changes waiting to be pushed to subscribers.
+    pub push: Arc<push::Push>,
 }
 
 impl AppState {
@@ -54,13 +66,23 @@ impl AppState {
         if config.ek_ca.is_empty() {
             tracing::warn!("no ek_ca configured: every EK certificate will be refused as from an unknown issuer");
         }
+        let token = config
+            .token_key
+            .as_deref()
+            .map(token::Signer::load)
+            .transpose()?
+            .map(Arc::new);
         let store = store::open(&config.database_url.0).await?;
         Ok(Arc::new(Self {
             config,
             store,
             audit_wake: Arc::new(Notify::new()),
+            audit_board: Arc::default(),
+            audit_refusals: audit::tasks::RefusalBudget::default(),
             tls,
             ek_roots,
+            token,
+            push: Arc::new(push::Push::default()),
         }))
     }
 }
@@ -79,17 +101,30 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut background = JoinSet::new();
-    if let Some(path) = state.config.audit_file.clone() {
-        let deliverer = audit::FileDeliverer {
-            store: state.store.clone(),
-            path,
-            wake: state.audit_wake.clone(),
-        };
-        background.spawn(deliverer.run(stopped(stop_rx.clone())));
-    }
+    // Audit sinks, checkpoints, trust scanner, retention.
+    audit::tasks::spawn(&state, &mut background, || stopped(stop_rx.clone()))?;
     background.spawn(prune_challenges(state.clone(), stopped(stop_rx.clone())));
+    // Scheduler integration: trust-change push and the OAT (Nova) listener.
+    let push_client = push::client(&state)?;
+    background.spawn(push::deliver(
+        state.clone(),
+        push_client,
+        stopped(stop_rx.clone()),
+    ));
+    background.spawn(push::scan_expiries(state.clone(), stopped(stop_rx.clone())));
+    if let Some(addr) = state.config.oat.listen {
+        let oat_listener = TcpListener::bind(addr).await.map_err(|source| Error::Io {
+            path: addr.to_string(),
+            source,
+        })?;
+        tracing::info!(listen = %addr, "OAT PollHosts listener ready");
+        background.spawn(oat::serve(oat_listener, state.clone(), stop_rx.clone()));
+    }
 
-    let app = api::router(state.clone());
+    let app = api::router(state.clone()).layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        audit::tasks::audit_refusals,
+    ));
     let acceptor = TlsAcceptor::from(state.tls.clone());
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);

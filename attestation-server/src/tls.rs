@@ -2,7 +2,7 @@
 //! (role and name) read from a verified client certificate.
 //!
 //! A client certificate's subject carries its role in the organizational
-//! unit (`OU=agent`, `OU=scheduler`, `OU=admin`) and its identity in the
+//! unit (`OU=agent`, `OU=scheduler`, `OU=admin`, `OU=auditor`) and its identity in the
 //! common name; an agent's common name is its host name.
 
 use crate::config::ServerTls;
@@ -17,6 +17,8 @@ pub enum Role {
     Agent,
     Scheduler,
     Admin,
+    /// May only read audit events and the audit status.
+    Auditor,
 }
 
 impl Role {
@@ -25,6 +27,7 @@ impl Role {
             Role::Agent => "agent",
             Role::Scheduler => "scheduler",
             Role::Admin => "admin",
+            Role::Auditor => "auditor",
         }
     }
 }
@@ -93,6 +96,7 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<ClientIdentity, String> {
         "agent" => Role::Agent,
         "scheduler" => Role::Scheduler,
         "admin" => Role::Admin,
+        "auditor" => Role::Auditor,
         other => return Err(format!("unknown role OU={other:?}")),
     };
     if !proto::wire::valid_host_name(&name) {

@@ -264,6 +264,44 @@ async fn suite(s: Arc<dyn Store>) {
         1
     );
     s.ping().await.unwrap();
+
+    // ---- Scheduler integration (issue 6): subscribers and the expiry scan.
+    let sub = store::Subscriber {
+        id: "sub-1".into(),
+        url: "https://sched.example/hook".into(),
+        secret: Some("s".into()),
+        created_at: now,
+    };
+    s.add_subscriber(&sub).await.unwrap();
+    s.add_subscriber(&store::Subscriber {
+        id: "sub-2".into(),
+        secret: None,
+        created_at: now + Duration::seconds(1),
+        ..sub.clone()
+    })
+    .await
+    .unwrap();
+    let subs = s.subscribers().await.unwrap();
+    assert_eq!(subs.len(), 2);
+    assert_eq!(subs[0], sub);
+    assert_eq!(subs[1].secret, None);
+    assert!(s.delete_subscriber("sub-1").await.unwrap());
+    assert!(!s.delete_subscriber("sub-1").await.unwrap());
+    assert_eq!(s.subscribers().await.unwrap().len(), 1);
+    let stored = s.verdicts(&["n1".to_string()]).await.unwrap();
+    let exp = stored["n1"].expires_at.unwrap();
+    let lapsing = s
+        .verdicts_expiring(exp - Duration::seconds(1), exp)
+        .await
+        .unwrap();
+    assert_eq!(lapsing.len(), 1);
+    assert_eq!(lapsing[0].host, "n1");
+    // The window is half-open: (after, until].
+    assert!(s
+        .verdicts_expiring(exp, exp + Duration::seconds(1))
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

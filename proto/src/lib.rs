@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cadf;
+pub mod token;
 pub mod tpm;
 pub mod wire;
 

@@ -7,6 +7,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::{Figment, Source};
 use proto::client::TlsFiles;
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Prefix of the environment variables that override the file.
@@ -20,6 +21,11 @@ const DEFAULT_MAX_CACHE_SECS: u64 = 60;
 const MAX_REQUEST_TIMEOUT_SECS: u64 = 300;
 /// A day: a verdict older than that says little about the host today.
 const MAX_MAX_CACHE_SECS: u64 = 86_400;
+/// kube-scheduler reaches extenders over the cluster network.
+const DEFAULT_EXTENDER_LISTEN: &str = "0.0.0.0:8888";
+/// The full-node form of ExtenderArgs carries whole Node objects (a few KiB
+/// each); 32 MiB covers thousands of nodes.
+const DEFAULT_EXTENDER_MAX_BODY_BYTES: usize = 32 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +41,53 @@ pub struct FilterConfig {
     /// says it stays valid longer. 0 disables the cache.
     #[serde(default = "default_max_cache_secs")]
     pub max_cache_secs: u64,
+    /// The Kubernetes scheduler extender (`scheduler-filter serve`).
+    #[serde(default)]
+    pub extender: ExtenderConfig,
+}
+
+/// `[extender]`: the HTTP(S) endpoint kube-scheduler calls.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtenderConfig {
+    /// Address to listen on; `serve --listen` overrides it.
+    #[serde(default = "default_extender_listen")]
+    pub listen: SocketAddr,
+    /// PEM certificate (chain) to serve HTTPS with; plain HTTP when absent.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Report every filter decision to the server (`POST /v1/placements`).
+    #[serde(default)]
+    pub report_placements: bool,
+    /// Largest request body accepted.
+    #[serde(default = "default_extender_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ExtenderConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_extender_listen(),
+            tls_cert: None,
+            tls_key: None,
+            report_placements: false,
+            max_body_bytes: DEFAULT_EXTENDER_MAX_BODY_BYTES,
+        }
+    }
+}
+
+fn default_extender_listen() -> SocketAddr {
+    // A constant that always parses; the fallback only satisfies the types.
+    DEFAULT_EXTENDER_LISTEN
+        .parse()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8888)))
+}
+
+fn default_extender_max_body_bytes() -> usize {
+    DEFAULT_EXTENDER_MAX_BODY_BYTES
 }
 
 fn default_request_timeout_secs() -> u64 {
@@ -68,6 +121,12 @@ pub fn load(path: Option<&Path>) -> Result<FilterConfig, Error> {
     config.tls.ca = resolve(&figment, "tls.ca", &config.tls.ca);
     config.tls.cert = resolve(&figment, "tls.cert", &config.tls.cert);
     config.tls.key = resolve(&figment, "tls.key", &config.tls.key);
+    if let Some(p) = config.extender.tls_cert.take() {
+        config.extender.tls_cert = Some(resolve(&figment, "extender.tls_cert", &p));
+    }
+    if let Some(p) = config.extender.tls_key.take() {
+        config.extender.tls_key = Some(resolve(&figment, "extender.tls_key", &p));
+    }
     config.validate(&figment)?;
     Ok(config)
 }
@@ -106,6 +165,28 @@ impl FilterConfig {
             if p.as_os_str().is_empty() {
                 return Err(bad(key, "must not be empty".into()));
             }
+        }
+        let ext = &self.extender;
+        match (&ext.tls_cert, &ext.tls_key) {
+            (Some(_), None) => {
+                return Err(bad(
+                    "extender.tls_key",
+                    "missing: extender.tls_cert is set, so the key is required".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "extender.tls_cert",
+                    "missing: extender.tls_key is set, so the certificate is required".into(),
+                ))
+            }
+            _ => {}
+        }
+        if ext.max_body_bytes < 1024 {
+            return Err(bad(
+                "extender.max_body_bytes",
+                format!("must be at least 1024, got {}", ext.max_body_bytes),
+            ));
         }
         Ok(())
     }
@@ -373,6 +454,42 @@ key = "/abs/scheduler.key"
                     "environment variable SCHEDULER_FILTER_MAX_CACHE_SECS"
                 );
             }
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn extender_section_defaults_resolves_and_checks_pairs() {
+        let _g = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        clear_env();
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(Some(&write(dir.path(), MINIMAL))).unwrap();
+        assert_eq!(c.extender, ExtenderConfig::default());
+        assert_eq!(c.extender.listen.port(), 8888);
+        assert!(!c.extender.report_placements);
+
+        let text = format!(
+            "{MINIMAL}[extender]\nlisten = \"127.0.0.1:9000\"\ntls_cert = \"ext.pem\"\ntls_key = \"ext.key\"\nreport_placements = true\n"
+        );
+        let c = load(Some(&write(dir.path(), &text))).unwrap();
+        assert_eq!(c.extender.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.extender.tls_cert, Some(dir.path().join("ext.pem")));
+        assert_eq!(c.extender.tls_key, Some(dir.path().join("ext.key")));
+        assert!(c.extender.report_placements);
+
+        let text = format!("{MINIMAL}[extender]\ntls_cert = \"ext.pem\"\n");
+        match load(Some(&write(dir.path(), &text))).unwrap_err() {
+            Error::ConfigKey { key, .. } => assert_eq!(key, "extender.tls_key"),
+            other => panic!("unexpected error {other:?}"),
+        }
+        let text = format!("{MINIMAL}[extender]\nlisten = \"nowhere\"\n");
+        match load(Some(&write(dir.path(), &text))).unwrap_err() {
+            Error::ConfigKey { key, .. } => assert_eq!(key, "extender.listen"),
+            other => panic!("unexpected error {other:?}"),
+        }
+        let text = format!("{MINIMAL}[extender]\nreport_placement = true\n");
+        match load(Some(&write(dir.path(), &text))).unwrap_err() {
+            Error::ConfigKey { key, .. } => assert_eq!(key, "extender.report_placement"),
             other => panic!("unexpected error {other:?}"),
         }
     }

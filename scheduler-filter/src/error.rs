@@ -1,6 +1,7 @@
 //! The crate's one error type.
 
 use proto::client::ClientError;
+use proto::token::TokenError;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,4 +34,31 @@ pub enum Error {
         server_url: String,
         source: ClientError,
     },
+
+    /// A signed token or notification was refused (expired, bad signature,
+    /// unknown key, altered or unexpected claims).
+    #[error("token rejected: {source}")]
+    Token { source: TokenError },
+
+    /// The server's key set could not be fetched.
+    #[error("cannot fetch the key set from {server_url}: {source}")]
+    Jwks {
+        server_url: String,
+        source: ClientError,
+    },
+
+    /// The placement report was not recorded.
+    #[error("trust server {server_url} did not record the placement: {source}")]
+    Placement {
+        server_url: String,
+        source: ClientError,
+    },
+
+    /// The extender's certificate or key could not be loaded.
+    #[error("extender TLS {}: {problem}", path.display())]
+    ExtenderTls { path: PathBuf, problem: String },
+
+    /// The extender could not listen or serve.
+    #[error("extender on {addr}: {problem}")]
+    Serve { addr: String, problem: String },
 }

@@ -5,8 +5,11 @@ use crate::cache::VerdictCache;
 use crate::config::FilterConfig;
 use crate::decision::{decide_from, Decision, Lookup};
 use crate::error::Error;
+use crate::placement::{self, PlacementRecorded, PLACEMENTS_PATH};
+use crate::tokens::TokenVerifier;
 use chrono::{DateTime, Utc};
 use proto::client::ApiClient;
+use proto::token::{Claims, TrustChange};
 use proto::wire::{valid_host_name, HostTrust, Trust, TrustQuery, TrustQueryResponse};
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,6 +23,8 @@ const TRUST_QUERY_PATH: &str = "/v1/trust/query";
 pub struct TrustFilter {
     client: ApiClient,
     cache: VerdictCache,
+    /// The server's signing keys, fetched at the first token checked.
+    tokens: TokenVerifier,
 }
 
 impl TrustFilter {
@@ -35,6 +40,7 @@ impl TrustFilter {
             source,
         })?;
         Ok(Self {
+            tokens: TokenVerifier::from_server(client.clone()),
             client,
             cache: VerdictCache::new(Duration::from_secs(config.max_cache_secs)),
         })
@@ -67,6 +73,47 @@ impl TrustFilter {
     /// trust change), so the next decision asks the server.
     pub fn invalidate(&self, host: &str) {
         self.cache.invalidate(host);
+    }
+
+    /// Verify a host-trust token offline: after the key set was fetched
+    /// once, no server call (unless the token names a key we do not hold).
+    pub async fn verify_token(&self, token: &str) -> Result<Claims, Error> {
+        self.tokens.verify_token(token).await
+    }
+
+    /// Act on a pushed notification: if it is a genuine `trust_changed`
+    /// event, forget that host's cached verdict at once.
+    pub async fn apply_notification(&self, token: &str) -> Result<TrustChange, Error> {
+        let change = self.tokens.verify_notification(token).await?;
+        self.invalidate(&change.sub);
+        tracing::info!(host = %change.sub, from = %change.from, to = %change.to, "trust changed; cached verdict dropped");
+        Ok(change)
+    }
+
+    /// Whether a verdict for `host` is cached right now.
+    pub fn is_cached(&self, host: &str) -> bool {
+        let (known, _) = self.cache.split(&[host.to_string()], Utc::now());
+        !known.is_empty()
+    }
+
+    /// Record the decisions made for `workload` on the server, as audit
+    /// evidence of where it was allowed to run. Returns how many the server
+    /// recorded.
+    pub async fn report_placement(
+        &self,
+        workload: &str,
+        decisions: &[Decision],
+    ) -> Result<usize, Error> {
+        let body = placement::report(workload, decisions, Utc::now());
+        let answer: PlacementRecorded =
+            self.client
+                .post(PLACEMENTS_PATH, &body)
+                .await
+                .map_err(|source| Error::Placement {
+                    server_url: self.client.base_url().to_string(),
+                    source,
+                })?;
+        Ok(answer.recorded)
     }
 
     async fn query(&self, hosts: Vec<String>) -> Result<TrustQueryResponse, Error> {

@@ -35,6 +35,14 @@
 //! key = "scheduler.key"
 //! ```
 //!
+//! `scheduler-filter serve` adds a Kubernetes scheduler extender
+//! ([`server`], [`extender`]; see `docs/kubernetes.md`) configured by an
+//! optional `[extender]` section (`listen`, `tls_cert`, `tls_key`,
+//! `report_placements`, `max_body_bytes`), a receiver for the server's
+//! signed trust-change pushes ([`TrustFilter::apply_notification`]), and the
+//! placement audit ([`TrustFilter::report_placement`]). Signed host-trust
+//! tokens verify offline ([`TrustFilter::verify_token`], [`TokenVerifier`]).
+//!
 //! The filter fails closed: when the server cannot be reached, answers with
 //! an error or garbage, leaves a host out, or gives a verdict that has
 //! expired, that host does not pass. Invalid host names never pass and are
@@ -46,10 +54,15 @@ pub mod cache;
 pub mod config;
 pub mod decision;
 pub mod error;
+pub mod extender;
 pub mod filter;
+pub mod placement;
+pub mod server;
+pub mod tokens;
 
 pub use cache::VerdictCache;
 pub use config::{load, FilterConfig};
 pub use decision::{decide_from, effective_trust, Decision, Lookup};
 pub use error::Error;
 pub use filter::TrustFilter;
+pub use tokens::TokenVerifier;

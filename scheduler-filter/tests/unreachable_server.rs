@@ -57,6 +57,7 @@ async fn unreachable_server_lets_no_host_pass() {
     let config = FilterConfig {
         server_url: server_url.clone(),
         tls: write_identity(dir.path()),
+        extender: Default::default(),
         request_timeout_secs: 2,
         max_cache_secs: 60,
     };
@@ -91,6 +92,7 @@ fn unreadable_identity_is_a_client_error() {
         },
         request_timeout_secs: 2,
         max_cache_secs: 60,
+        extender: Default::default(),
     };
     match TrustFilter::new(&config) {
         Err(scheduler_filter::Error::Client { server_url, .. }) => {

@@ -159,3 +159,51 @@ pub fn attestations<'a>(events: &'a [serde_json::Value], host: &str) -> Vec<&'a 
         .filter(|e| e["action"] == "evaluate" && e["target"]["name"] == host)
         .collect()
 }
+
+// ---- Scheduler integration helpers (issue 6) ----
+
+/// A loopback port that was free a moment ago (for listeners the server binds itself).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Pool {
+    /// Register `host` and store a verdict for it directly, as if it had attested.
+    pub async fn store_verdict(
+        &self,
+        host: &str,
+        trust: proto::wire::Trust,
+        verified_at: chrono::DateTime<chrono::Utc>,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<HostTrust> {
+        let store = &self.state.store;
+        store.register_host(host, verified_at).await?;
+        let verdict = HostTrust {
+            host: host.to_string(),
+            trust,
+            verified_at: Some(verified_at),
+            expires_at: Some(expires_at),
+            reasons: Vec::new(),
+        };
+        let rec = attestation_server::store::AttestationRecord {
+            verdict: &verdict,
+            verified_pcrs: None,
+            clock: None,
+            events: &[],
+        };
+        store.record_attestation(host, rec).await?;
+        Ok(verdict)
+    }
+
+    /// A plain HTTP client over mutual TLS with the certificate `name`
+    /// (for methods and bodies the JSON `ApiClient` does not cover).
+    pub fn http(&self, name: &str) -> Result<reqwest::Client> {
+        let tls = proto::client::rustls_config(&self.files(name))?;
+        Ok(reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(10))
+            .build()?)
+    }
+}

@@ -122,6 +122,67 @@ pub struct AttestationRecord<'a> {
     pub events: &'a [NewEvent],
 }
 
+// ---- audit trail (issue 5): types ----
+
+/// A stored event with its place in the server's hash chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub id: String,
+    pub time: DateTime<Utc>,
+    /// The server whose chain holds the event (the CADF observer's name).
+    pub server: String,
+    /// Position in that chain, from 1.
+    pub chain_index: i64,
+    pub prev_hash: String,
+    pub hash: String,
+    pub body: String,
+}
+
+/// Filters of the event query API; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Matches the target's id or name.
+    pub target: Option<String>,
+    /// Matches the initiator's id or name.
+    pub initiator: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// A signed statement "the chain of `server` had `count` events ending in `hash` at `seq`".
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub server: String,
+    pub seq: i64,
+    pub count: i64,
+    pub hash: String,
+    pub signed_at: DateTime<Utc>,
+    /// hex of the uncompressed P-256 public key.
+    pub public_key: String,
+    /// hex of the ASN.1 ECDSA-SHA256 signature.
+    pub signature: String,
+}
+
+/// The newest link of one server's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    pub server: String,
+    pub seq: i64,
+    pub hash: String,
+    pub count: i64,
+}
+
+/// Events not yet delivered to one sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backlog {
+    pub count: i64,
+    pub oldest: Option<DateTime<Utc>>,
+    pub newest_seq: i64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Register a host; false if it existed already.
@@ -186,6 +247,63 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_challenges(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    // ---- audit trail (issue 5) ----
+    /// Events after `seq` with their chain links, oldest first.
+    async fn stored_events_after(
+        &self,
+        seq: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Events matching `filter` after `seq`, oldest first.
+    async fn query_events(
+        &self,
+        filter: &EventFilter,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// How many events follow `seq`, and the time of the oldest of them.
+    async fn event_backlog(&self, after_seq: i64) -> Result<Backlog, StoreError>;
+    async fn chain_head(&self, server: &str) -> Result<Option<ChainHead>, StoreError>;
+    async fn last_checkpoint(&self, server: &str) -> Result<Option<Checkpoint>, StoreError>;
+    async fn insert_checkpoint(&self, c: &Checkpoint) -> Result<(), StoreError>;
+    /// Every checkpoint, oldest first.
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
+    /// The trust state last reported per host by the trust scanner.
+    async fn trust_states(&self) -> Result<HashMap<String, String>, StoreError>;
+    /// Every stored verdict.
+    async fn all_verdicts(&self) -> Result<Vec<HostTrust>, StoreError>;
+    /// Remember a host's reported trust state, with the event reporting the change.
+    async fn record_trust_change(
+        &self,
+        host: &str,
+        state: &str,
+        event: &NewEvent,
+    ) -> Result<(), StoreError>;
+    /// Delete events older than `before` with `seq <= delivered` (delivered everywhere).
+    async fn prune_events(&self, before: DateTime<Utc>, delivered: i64) -> Result<u64, StoreError>;
+
+    // --- Scheduler integration (issue 6): trust-change subscribers and the
+    // expiry scan that turns lapsing verdicts into notifications.
+    async fn add_subscriber(&self, s: &Subscriber) -> Result<(), StoreError>;
+    async fn subscribers(&self) -> Result<Vec<Subscriber>, StoreError>;
+    /// False when there was no such subscriber.
+    async fn delete_subscriber(&self, id: &str) -> Result<bool, StoreError>;
+    /// Verdicts whose expiry falls in `(after, until]`.
+    async fn verdicts_expiring(
+        &self,
+        after: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<HostTrust>, StoreError>;
+}
+
+/// A webhook that receives signed trust-change notifications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscriber {
+    pub id: String,
+    pub url: String,
+    pub secret: Option<String>,
+    pub created_at: DateTime<Utc>,
 }
 
 /// Open the store named by a database URL and run its migrations.
@@ -650,14 +768,312 @@ macro_rules! sql_store {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
+
+            // ---- audit trail (issue 5) ----
+            async fn stored_events_after(&self, seq: i64, limit: i64) -> Result<Vec<$crate::store::StoredEvent>, $crate::store::StoreError> {
+                let rows = sqlx::query(&format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"))
+                    .bind(seq)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.iter().map(stored_event).collect::<Result<Vec<_>, _>>()?)
+            }
+
+            async fn query_events(
+                &self,
+                f: &$crate::store::EventFilter,
+                after_seq: i64,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::StoredEvent>, $crate::store::StoreError> {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq > "));
+                qb.push_bind(after_seq);
+                if let Some(t) = &f.target {
+                    qb.push(" AND (target_id = ").push_bind(t.clone()).push(" OR target_name = ").push_bind(t.clone()).push(")");
+                }
+                if let Some(i) = &f.initiator {
+                    qb.push(" AND (initiator_id = ").push_bind(i.clone()).push(" OR initiator_name = ").push_bind(i.clone()).push(")");
+                }
+                if let Some(a) = &f.action {
+                    qb.push(" AND action = ").push_bind(a.clone());
+                }
+                if let Some(o) = &f.outcome {
+                    qb.push(" AND outcome = ").push_bind(o.clone());
+                }
+                if let Some(s) = f.since {
+                    qb.push(" AND event_time >= ").push_bind($crate::store::micros(s));
+                }
+                if let Some(u) = f.until {
+                    qb.push(" AND event_time < ").push_bind($crate::store::micros(u));
+                }
+                qb.push(" ORDER BY seq LIMIT ").push_bind(limit);
+                let rows = qb.build().fetch_all(&self.pool).await?;
+                Ok(rows.iter().map(stored_event).collect::<Result<Vec<_>, _>>()?)
+            }
+
+            async fn event_backlog(&self, after_seq: i64) -> Result<$crate::store::Backlog, $crate::store::StoreError> {
+                use sqlx::Row;
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS n, MIN(event_time) AS oldest, COALESCE(MAX(seq), $1) AS newest FROM events WHERE seq > $1",
+                )
+                .bind(after_seq)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok($crate::store::Backlog {
+                    count: row.try_get("n")?,
+                    oldest: row.try_get::<Option<i64>, _>("oldest")?.map($crate::store::from_micros),
+                    newest_seq: row.try_get("newest")?,
+                })
+            }
+
+            async fn chain_head(&self, server: &str) -> Result<Option<$crate::store::ChainHead>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let row = sqlx::query("SELECT server, seq, hash, count FROM audit_chain_heads WHERE server = $1")
+                    .bind(server)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(match row {
+                    Some(r) => Some($crate::store::ChainHead {
+                        server: r.try_get("server")?,
+                        seq: r.try_get("seq")?,
+                        hash: r.try_get("hash")?,
+                        count: r.try_get("count")?,
+                    }),
+                    None => None,
+                })
+            }
+
+            async fn last_checkpoint(&self, server: &str) -> Result<Option<$crate::store::Checkpoint>, $crate::store::StoreError> {
+                let row = sqlx::query(&format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE server = $1 ORDER BY seq DESC, id DESC LIMIT 1"))
+                    .bind(server)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(match row {
+                    Some(r) => Some(checkpoint(&r)?),
+                    None => None,
+                })
+            }
+
+            async fn insert_checkpoint(&self, c: &$crate::store::Checkpoint) -> Result<(), $crate::store::StoreError> {
+                sqlx::query(
+                    "INSERT INTO audit_checkpoints (server, seq, count, hash, signed_at, public_key, signature) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&c.server)
+                .bind(c.seq)
+                .bind(c.count)
+                .bind(&c.hash)
+                .bind($crate::store::micros(c.signed_at))
+                .bind(&c.public_key)
+                .bind(&c.signature)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn checkpoints(&self) -> Result<Vec<$crate::store::Checkpoint>, $crate::store::StoreError> {
+                let rows = sqlx::query(&format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY id"))
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.iter().map(checkpoint).collect::<Result<Vec<_>, _>>()?)
+            }
+
+            async fn trust_states(&self) -> Result<std::collections::HashMap<String, String>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT host, state FROM audit_trust_state").fetch_all(&self.pool).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get("host")?, r.try_get("state")?)))
+                    .collect()
+            }
+
+            async fn all_verdicts(&self) -> Result<Vec<$crate::store::HostTrust>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT host, trust, verified_at, expires_at, reasons FROM verdicts ORDER BY host")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        let host: String = row.try_get("host")?;
+                        $crate::store::verdict_from_parts(
+                            &host,
+                            &row.try_get::<String, _>("trust")?,
+                            row.try_get("verified_at")?,
+                            row.try_get("expires_at")?,
+                            &row.try_get::<String, _>("reasons")?,
+                        )
+                    })
+                    .collect()
+            }
+
+            async fn record_trust_change(
+                &self,
+                host: &str,
+                state: &str,
+                event: &$crate::store::NewEvent,
+            ) -> Result<(), $crate::store::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "INSERT INTO audit_trust_state (host, state) VALUES ($1, $2) \
+                     ON CONFLICT (host) DO UPDATE SET state = excluded.state",
+                )
+                .bind(host)
+                .bind(state)
+                .execute(&mut *tx)
+                .await?;
+                insert_event(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn prune_events(&self, before: chrono::DateTime<chrono::Utc>, delivered: i64) -> Result<u64, $crate::store::StoreError> {
+                let done = sqlx::query("DELETE FROM events WHERE event_time < $1 AND seq <= $2")
+                    .bind($crate::store::micros(before))
+                    .bind(delivered)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            // --- Scheduler integration (issue 6).
+            async fn add_subscriber(&self, s: &$crate::store::Subscriber) -> Result<(), $crate::store::StoreError> {
+                sqlx::query("INSERT INTO subscribers (id, url, secret, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(&s.id)
+                    .bind(&s.url)
+                    .bind(s.secret.as_deref())
+                    .bind($crate::store::micros(s.created_at))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn subscribers(&self) -> Result<Vec<$crate::store::Subscriber>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT id, url, secret, created_at FROM subscribers ORDER BY created_at, id")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok($crate::store::Subscriber {
+                            id: r.try_get("id")?,
+                            url: r.try_get("url")?,
+                            secret: r.try_get("secret")?,
+                            created_at: $crate::store::from_micros(r.try_get("created_at")?),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn delete_subscriber(&self, id: &str) -> Result<bool, $crate::store::StoreError> {
+                let done = sqlx::query("DELETE FROM subscribers WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn verdicts_expiring(
+                &self,
+                after: chrono::DateTime<chrono::Utc>,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<$crate::store::HostTrust>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT host, trust, verified_at, expires_at, reasons FROM verdicts \
+                     WHERE expires_at > $1 AND expires_at <= $2 ORDER BY expires_at",
+                )
+                .bind($crate::store::micros(after))
+                .bind($crate::store::micros(until))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        let host: String = row.try_get("host")?;
+                        $crate::store::verdict_from_parts(
+                            &host,
+                            &row.try_get::<String, _>("trust")?,
+                            row.try_get("verified_at")?,
+                            row.try_get("expires_at")?,
+                            &row.try_get::<String, _>("reasons")?,
+                        )
+                    })
+                    .collect()
+            }
         }
 
+        const EVENT_COLUMNS: &str = "seq, id, event_time, server, chain_index, prev_hash, hash, body";
+        const CHECKPOINT_COLUMNS: &str = "server, seq, count, hash, signed_at, public_key, signature";
+
+        fn stored_event(r: &<$db as sqlx::Database>::Row) -> Result<$crate::store::StoredEvent, sqlx::Error> {
+            use sqlx::Row;
+            Ok($crate::store::StoredEvent {
+                seq: r.try_get("seq")?,
+                id: r.try_get("id")?,
+                time: $crate::store::from_micros(r.try_get("event_time")?),
+                server: r.try_get("server")?,
+                chain_index: r.try_get("chain_index")?,
+                prev_hash: r.try_get("prev_hash")?,
+                hash: r.try_get("hash")?,
+                body: r.try_get("body")?,
+            })
+        }
+
+        fn checkpoint(r: &<$db as sqlx::Database>::Row) -> Result<$crate::store::Checkpoint, sqlx::Error> {
+            use sqlx::Row;
+            Ok($crate::store::Checkpoint {
+                server: r.try_get("server")?,
+                seq: r.try_get("seq")?,
+                count: r.try_get("count")?,
+                hash: r.try_get("hash")?,
+                signed_at: $crate::store::from_micros(r.try_get("signed_at")?),
+                public_key: r.try_get("public_key")?,
+                signature: r.try_get("signature")?,
+            })
+        }
+
+        /// Append an event to the outbox and to its server's hash chain, in
+        /// the caller's transaction. Updating the chain head first takes its
+        /// row lock, so concurrent appends of one server queue up instead of
+        /// forking the chain.
         async fn insert_event(tx: &mut sqlx::Transaction<'_, $db>, event: &$crate::store::NewEvent) -> Result<(), sqlx::Error> {
-            sqlx::query("INSERT INTO events (id, event_time, host, body) VALUES ($1, $2, $3, $4)")
-                .bind(&event.id)
-                .bind($crate::store::micros(event.time))
-                .bind(event.host.as_deref())
-                .bind(&event.body)
+            use sqlx::Row;
+            let meta = $crate::audit::chain::EventMeta::of(&event.body);
+            sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
+                .bind(&meta.server)
+                .bind($crate::audit::chain::GENESIS)
+                .execute(&mut **tx)
+                .await?;
+            let head = sqlx::query("UPDATE audit_chain_heads SET count = count + 1 WHERE server = $1 RETURNING hash, count")
+                .bind(&meta.server)
+                .fetch_one(&mut **tx)
+                .await?;
+            let prev_hash: String = head.try_get("hash")?;
+            let index: i64 = head.try_get("count")?;
+            let hash = $crate::audit::chain::link(&prev_hash, &meta.canonical);
+            let row = sqlx::query(
+                "INSERT INTO events (id, event_time, host, body, server, chain_index, prev_hash, hash, action, outcome, \
+                 initiator_id, initiator_name, target_id, target_name) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING seq",
+            )
+            .bind(&event.id)
+            .bind($crate::store::micros(event.time))
+            .bind(event.host.as_deref())
+            .bind(&event.body)
+            .bind(&meta.server)
+            .bind(index)
+            .bind(&prev_hash)
+            .bind(&hash)
+            .bind(&meta.action)
+            .bind(&meta.outcome)
+            .bind(&meta.initiator_id)
+            .bind(&meta.initiator_name)
+            .bind(&meta.target_id)
+            .bind(&meta.target_name)
+            .fetch_one(&mut **tx)
+            .await?;
+            let seq: i64 = row.try_get("seq")?;
+            sqlx::query("UPDATE audit_chain_heads SET seq = $1, hash = $2 WHERE server = $3")
+                .bind(seq)
+                .bind(&hash)
+                .bind(&meta.server)
                 .execute(&mut **tx)
                 .await?;
             Ok(())
