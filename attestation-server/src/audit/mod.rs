@@ -186,13 +186,12 @@ pub fn with_tags(mut event: NewEvent, tags: &[&str]) -> NewEvent {
 
 /// An admin, scheduler, auditor or agent as a CADF initiator.
 pub fn client(role: &str, name: &str) -> Resource {
+    if role == "agent" {
+        // An agent speaks for its host: one CADF identity in every event.
+        return Resource::host(name);
+    }
     Resource {
-        type_uri: if role == "agent" {
-            "compute/machine"
-        } else {
-            "service/security/account/user"
-        }
-        .into(),
+        type_uri: "service/security/account/user".into(),
         id: cadf::resource_id(role, name),
         name: Some(name.into()),
     }
