@@ -20,6 +20,8 @@ PACKAGES=(
     swtpm-tools     # swtpm_setup, swtpm_localca: manufacture test TPMs
     tpm2-tools      # tpm2_* tools for tests and scripts/record-fixtures.sh
     ca-certificates # TLS to crates.io for cargo
+    python3         # scripts/check-cadf.py, scripts/demo/helper.py
+    python3-pip     # installs pycadf for the CADF conformance check
 )
 
 say() { echo "setup: $*"; }
