@@ -137,6 +137,22 @@ impl Pool {
         anyhow::bail!("audit file never caught up with {stored} stored events")
     }
 
+    /// Stop the server and export every event it stored to
+    /// `target/cadf-samples/NAME.jsonl`, where `scripts/test.sh` loads each
+    /// one with pycadf (the CADF conformance check).
+    pub async fn stop_and_dump_cadf(self, name: &str) -> Result<()> {
+        let store = self.state.store.clone();
+        self.stop().await;
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        let dir = target.join("cadf-samples");
+        std::fs::create_dir_all(&dir)?;
+        attestation_server::audit::ctl::export(store.as_ref(), &dir.join(format!("{name}.jsonl")))
+            .await?;
+        Ok(())
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

@@ -315,7 +315,7 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
     assert_eq!(mismatch["outcome"], "failure");
 
     host.tpm.shutdown().await;
-    pool.stop().await;
+    pool.stop_and_dump_cadf("bad_input").await?;
     Ok(())
 }
 

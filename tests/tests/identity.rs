@@ -344,6 +344,6 @@ async fn identity_is_proven_pinned_and_refusals_are_audited() -> anyhow::Result<
     for m in [a, b, c, d] {
         m.tpm.shutdown().await;
     }
-    pool.stop().await;
+    pool.stop_and_dump_cadf("identity").await?;
     Ok(())
 }

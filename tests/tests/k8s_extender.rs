@@ -311,7 +311,7 @@ async fn recorded_requests_push_on_tamper_and_placement_audit() -> anyhow::Resul
     let _ = stop_agent.send(());
     agent.await??;
     ext.stop().await;
-    pool.stop().await;
+    pool.stop_and_dump_cadf("k8s-1").await?;
     Ok(())
 }
 
@@ -460,7 +460,7 @@ async fn notifications_and_tokens_are_verified_with_the_servers_keys() -> anyhow
     assert!(err.to_string().contains("no key with kid"), "{err}");
 
     ext.stop().await;
-    pool.stop().await;
+    pool.stop_and_dump_cadf("k8s-2").await?;
     Ok(())
 }
 

@@ -185,7 +185,7 @@ async fn poll_hosts_answers_like_open_attestation() -> anyhow::Result<()> {
     assert_eq!(api.status().as_u16(), 401);
     assert!(asked.0.load(Ordering::SeqCst) > 0);
 
-    pool.stop().await;
+    pool.stop_and_dump_cadf("oat").await?;
     Ok(())
 }
 

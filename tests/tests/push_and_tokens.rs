@@ -406,7 +406,7 @@ async fn tokens_subscriptions_expiry_push_and_placements() -> anyhow::Result<()>
         .as_array()
         .is_some_and(|t| t.contains(&json!("trust?value=unknown"))));
 
-    pool.stop().await;
+    pool.stop_and_dump_cadf("push-1").await?;
     Ok(())
 }
 
@@ -522,6 +522,6 @@ async fn tamper_on_swtpm_is_pushed_and_bad_subscribers_do_not_slow_attestation(
     let _ = stop_agent.send(());
     agent.await??;
     drop(black_hole);
-    pool.stop().await;
+    pool.stop_and_dump_cadf("push-2").await?;
     Ok(())
 }

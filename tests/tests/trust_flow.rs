@@ -112,6 +112,6 @@ async fn host_is_trusted_then_untrusted_after_a_tamper() -> anyhow::Result<()> {
         .collect();
     assert!(!after.is_empty());
     assert!(after.iter().all(|e| e["outcome"] == "failure"), "{after:?}");
-    pool.stop().await;
+    pool.stop_and_dump_cadf("trust_flow").await?;
     Ok(())
 }
