@@ -207,7 +207,7 @@ fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
 
 /// reqwest hides the useful part (the TLS alert, the refused connection) in
 /// the source chain; flatten it so operators see it.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

@@ -392,24 +392,13 @@ impl Sink for WebhookSink {
                 Err(err) => {
                     return Err(DeliveryError::new(
                         i,
-                        format!("{}: {}", self.url, chain(&err)),
+                        format!("{}: {}", self.url, proto::client::error_chain(&err)),
                     ))
                 }
             }
         }
         Ok(())
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
 
 /// The oslo.messaging "messagingv2" envelope of one event, as OpenStack

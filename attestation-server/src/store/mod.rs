@@ -674,7 +674,6 @@ macro_rules! sql_store {
             }
 
             async fn verdicts(&self, hosts: &[String]) -> Result<std::collections::HashMap<String, $crate::store::HostTrust>, $crate::store::StoreError> {
-                use sqlx::Row;
                 let mut out = std::collections::HashMap::with_capacity(hosts.len());
                 // Bounded IN lists keep within SQLite's parameter limit.
                 for chunk in hosts.chunks(500) {
@@ -687,15 +686,8 @@ macro_rules! sql_store {
                     }
                     qb.push(")");
                     for row in qb.build().fetch_all(&self.pool).await? {
-                        let host: String = row.try_get("host")?;
-                        let v = $crate::store::verdict_from_parts(
-                            &host,
-                            &row.try_get::<String, _>("trust")?,
-                            row.try_get("verified_at")?,
-                            row.try_get("expires_at")?,
-                            &row.try_get::<String, _>("reasons")?,
-                        )?;
-                        out.insert(host, v);
+                        let v = verdict_row(&row)?;
+                        out.insert(v.host.clone(), v);
                     }
                 }
                 Ok(out)
@@ -886,22 +878,10 @@ macro_rules! sql_store {
             }
 
             async fn all_verdicts(&self) -> Result<Vec<$crate::store::HostTrust>, $crate::store::StoreError> {
-                use sqlx::Row;
                 let rows = sqlx::query("SELECT host, trust, verified_at, expires_at, reasons FROM verdicts ORDER BY host")
                     .fetch_all(&self.pool)
                     .await?;
-                rows.iter()
-                    .map(|row| {
-                        let host: String = row.try_get("host")?;
-                        $crate::store::verdict_from_parts(
-                            &host,
-                            &row.try_get::<String, _>("trust")?,
-                            row.try_get("verified_at")?,
-                            row.try_get("expires_at")?,
-                            &row.try_get::<String, _>("reasons")?,
-                        )
-                    })
-                    .collect()
+                rows.iter().map(verdict_row).collect()
             }
 
             async fn record_trust_change(
@@ -975,7 +955,6 @@ macro_rules! sql_store {
                 after: chrono::DateTime<chrono::Utc>,
                 until: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<$crate::store::HostTrust>, $crate::store::StoreError> {
-                use sqlx::Row;
                 let rows = sqlx::query(
                     "SELECT host, trust, verified_at, expires_at, reasons FROM verdicts \
                      WHERE expires_at > $1 AND expires_at <= $2 ORDER BY expires_at",
@@ -984,18 +963,7 @@ macro_rules! sql_store {
                 .bind($crate::store::micros(until))
                 .fetch_all(&self.pool)
                 .await?;
-                rows.iter()
-                    .map(|row| {
-                        let host: String = row.try_get("host")?;
-                        $crate::store::verdict_from_parts(
-                            &host,
-                            &row.try_get::<String, _>("trust")?,
-                            row.try_get("verified_at")?,
-                            row.try_get("expires_at")?,
-                            &row.try_get::<String, _>("reasons")?,
-                        )
-                    })
-                    .collect()
+                rows.iter().map(verdict_row).collect()
             }
         }
 
@@ -1077,6 +1045,19 @@ macro_rules! sql_store {
                 .execute(&mut **tx)
                 .await?;
             Ok(())
+        }
+
+        /// A `verdicts` row (host, trust, verified_at, expires_at, reasons).
+        fn verdict_row(row: &<$db as sqlx::Database>::Row) -> Result<$crate::store::HostTrust, $crate::store::StoreError> {
+            use sqlx::Row;
+            let host: String = row.try_get("host")?;
+            $crate::store::verdict_from_parts(
+                &host,
+                &row.try_get::<String, _>("trust")?,
+                row.try_get("verified_at")?,
+                row.try_get("expires_at")?,
+                &row.try_get::<String, _>("reasons")?,
+            )
         }
 
         async fn upsert_verdict(tx: &mut sqlx::Transaction<'_, $db>, host: &str, v: &$crate::store::HostTrust) -> Result<(), sqlx::Error> {
