@@ -364,9 +364,38 @@ pub(crate) fn verdict_from_parts(
     })
 }
 
+/// A verdict as the aggregated verdict query returns it.
+#[derive(serde::Deserialize)]
+struct VerdictJson {
+    host: String,
+    trust: String,
+    verified_at: i64,
+    expires_at: i64,
+    reasons: Vec<proto::wire::Reason>,
+}
+
+pub(crate) fn verdicts_from_json(json: &str) -> Result<Vec<HostTrust>, StoreError> {
+    let rows: Vec<VerdictJson> = from_json("(several)", "verdicts", json)?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(HostTrust {
+                trust: Trust::parse(&r.trust).ok_or_else(|| StoreError::Corrupt {
+                    host: r.host.clone(),
+                    what: "verdict",
+                    detail: format!("trust {:?}", r.trust),
+                })?,
+                verified_at: Some(from_micros(r.verified_at)),
+                expires_at: Some(from_micros(r.expires_at)),
+                reasons: r.reasons,
+                host: r.host,
+            })
+        })
+        .collect()
+}
+
 /// The SQL shared by both backends, instantiated once per pool type.
 macro_rules! sql_store {
-    ($store:ident, $db:ty) => {
+    ($store:ident, $db:ty, $verdicts_json:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn register_host(&self, host: &str, now: chrono::DateTime<chrono::Utc>) -> Result<bool, $crate::store::StoreError> {
@@ -677,16 +706,16 @@ macro_rules! sql_store {
                 let mut out = std::collections::HashMap::with_capacity(hosts.len());
                 // Bounded IN lists keep within SQLite's parameter limit.
                 for chunk in hosts.chunks(500) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT host, trust, verified_at, expires_at, reasons FROM verdicts WHERE host IN (",
-                    );
+                    // One row holding a JSON array: streaming a thousand
+                    // rows one by one costs more than the lookups themselves.
+                    let mut qb = sqlx::QueryBuilder::<$db>::new($verdicts_json);
                     let mut list = qb.separated(", ");
                     for h in chunk {
                         list.push_bind(h.as_str());
                     }
                     qb.push(")");
-                    for row in qb.build().fetch_all(&self.pool).await? {
-                        let v = verdict_row(&row)?;
+                    let json: String = sqlx::Row::try_get(&qb.build().fetch_one(&self.pool).await?, 0)?;
+                    for v in $crate::store::verdicts_from_json(&json)? {
                         out.insert(v.host.clone(), v);
                     }
                 }

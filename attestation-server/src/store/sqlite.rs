@@ -30,4 +30,9 @@ impl SqliteStore {
     }
 }
 
-sql_store!(SqliteStore, Sqlite);
+sql_store!(
+    SqliteStore,
+    Sqlite,
+    "SELECT json_group_array(json_object('host', host, 'trust', trust, 'verified_at', verified_at, \
+     'expires_at', expires_at, 'reasons', json(reasons))) FROM verdicts WHERE host IN ("
+);
