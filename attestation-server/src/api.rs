@@ -55,6 +55,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::delete(crate::push::unsubscribe),
         )
         .route("/v1/placements", post(crate::placement::report))
+        // Operations: probes need no certificate; metrics and status do.
+        .route("/healthz", get(crate::metrics::healthz))
+        .route("/readyz", get(crate::metrics::readyz))
+        .route("/metrics", get(crate::metrics::metrics))
+        .route("/v1/status", get(crate::metrics::status))
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -195,6 +200,7 @@ async fn evidence(
         }
         return Err(e);
     }
+    let started = std::time::Instant::now();
     let (record, ak) = enrolled(st.store.host(&host).await?, &host)?;
     let trust_before = current_trust(&host, record.verdict.clone(), now).trust;
     let result = match body {
@@ -251,6 +257,8 @@ async fn evidence(
                 events: &events,
             };
             st.store.record_attestation(&host, rec).await?;
+            st.metrics
+                .observe_attestation(&verified.verdict, started.elapsed());
             st.audit_wake.notify_one();
             st.push
                 .report(&host, trust_before, verified.verdict.trust, now);
@@ -296,6 +304,7 @@ async fn evidence(
                 events: std::slice::from_ref(&ev),
             };
             st.store.record_attestation(&host, rec).await?;
+            st.metrics.observe_attestation(&verdict, started.elapsed());
             st.audit_wake.notify_one();
             st.push.report(&host, trust_before, verdict.trust, now);
             tracing::warn!(host, code = err.code(), error = %err, "evidence refused");

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod check;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "attestctl",
@@ -42,6 +44,9 @@ pub enum Command {
     /// The audit trail: delivery status, export, tamper check.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Nagios/Icinga plugin: one status line with perfdata; exits 0 OK,
+    /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN (server unreachable).
+    Check(check::CheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -401,6 +406,12 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
         crate::audit::ctl::init(&cmd.pool, &cmd.audit, &summary)?;
         return Ok(serde_json::to_value(summary).unwrap_or_default());
     }
+    if let Command::Check(args) = &cli.command {
+        // The binary prints the line and exits with the plugin code itself;
+        // as JSON, the same report.
+        let r = check::run(cli.config.as_deref(), args).await;
+        return Ok(serde_json::json!({"state": r.state.label(), "line": r.line}));
+    }
     if let Command::Audit(cmd) = &cli.command {
         if let Some(answer) = crate::audit::ctl::run_local(cmd).await? {
             return Ok(answer);
@@ -412,7 +423,7 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
     })?;
     let api = CtlConfig::load(&path)?.client()?;
     let value = match cli.command {
-        Command::Init(_) => serde_json::Value::Null,
+        Command::Init(_) | Command::Check(_) => serde_json::Value::Null,
         Command::Audit(_) => api.get::<serde_json::Value>("/v1/audit/status").await?,
         Command::Host(HostCommand::Register { host }) => to_json(
             api.post::<_, HostDetail>("/v1/hosts", &RegisterHost { host })

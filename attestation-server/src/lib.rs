@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod ekcert;
 pub mod enroll;
 pub mod error;
+pub mod metrics;
 pub mod oat;
 pub mod pki;
 pub mod placement;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub token: Option<Arc<token::Signer>>,
     /// Trust changes waiting to be pushed to subscribers.
     pub push: Arc<push::Push>,
+    /// Attestation counters and latency for `GET /metrics`.
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -83,6 +86,7 @@ impl AppState {
             ek_roots,
             token,
             push: Arc::new(push::Push::default()),
+            metrics: metrics::Metrics::default(),
         }))
     }
 }

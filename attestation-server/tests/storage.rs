@@ -302,6 +302,50 @@ async fn suite(s: Arc<dyn Store>) {
         .await
         .unwrap()
         .is_empty());
+
+    // Operations (issue 8): hosts by current trust, as readers are told.
+    let at = Utc::now();
+    let before = s.trust_counts(at).await.unwrap();
+    let verdict = |host: &str, trust, expires_at| HostTrust {
+        host: host.into(),
+        trust,
+        verified_at: Some(at - Duration::seconds(60)),
+        expires_at: Some(expires_at),
+        reasons: vec![],
+    };
+    for (host, trust, expires_at) in [
+        ("tc-trusted", Trust::Trusted, at + Duration::seconds(60)),
+        ("tc-untrusted", Trust::Untrusted, at + Duration::seconds(60)),
+        ("tc-expired", Trust::Trusted, at - Duration::seconds(1)),
+    ] {
+        s.register_host(host, at).await.unwrap();
+        let v = verdict(host, trust, expires_at);
+        let rec = AttestationRecord {
+            verdict: &v,
+            verified_pcrs: None,
+            clock: None,
+            events: &[],
+        };
+        s.record_attestation(host, rec).await.unwrap();
+    }
+    s.register_host("tc-never-attested", at).await.unwrap();
+    let after = s.trust_counts(at).await.unwrap();
+    assert_eq!(
+        (
+            after.trusted - before.trusted,
+            after.untrusted - before.untrusted,
+            after.unknown - before.unknown
+        ),
+        (1, 1, 2),
+        "{before:?} -> {after:?}"
+    );
+    // A day on, every verdict has lapsed: all hosts are unknown.
+    let later = s.trust_counts(at + Duration::hours(24)).await.unwrap();
+    assert_eq!((later.trusted, later.untrusted), (0, 0));
+    assert_eq!(
+        later.unknown,
+        after.trusted + after.untrusted + after.unknown
+    );
 }
 
 #[tokio::test]

@@ -1,15 +1,30 @@
-//! `attestctl`: admin CLI; prints JSON answers on stdout.
-use attestation_server::ctl::{self, Cli, CtlError};
+//! `attestctl`: admin CLI; prints JSON answers on stdout. `check` is a
+//! monitoring plugin instead: one status line and the plugin exit code.
+use attestation_server::ctl::{self, check, Cli, Command, CtlError};
 use clap::Parser;
+use std::io::Write;
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A monitoring plugin with bad arguments is UNKNOWN (3), not clap's 2
+        // (which a monitor would read as CRITICAL).
+        Err(e) if std::env::args().any(|a| a == "check") && e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(check::State::Unknown.exit_code());
+        }
+        Err(e) => e.exit(),
+    };
+    if let Command::Check(args) = &cli.command {
+        let report = check::run(cli.config.as_deref(), args).await;
+        let _ = writeln!(std::io::stdout(), "{}", report.line);
+        return ExitCode::from(report.state.exit_code());
+    }
     match ctl::run(cli).await {
         Ok(value) => {
             // A closed pipe (`attestctl … | head`) is not worth a panic.
-            use std::io::Write;
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();
             let _ = writeln!(std::io::stdout(), "{text}");
             ExitCode::SUCCESS

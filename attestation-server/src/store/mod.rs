@@ -295,6 +295,19 @@ pub trait Store: Send + Sync + 'static {
         after: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<HostTrust>, StoreError>;
+
+    // --- Operations (issue 8): the pool's shape for metrics and `attestctl check`.
+    /// Registered hosts by current trust: a verdict past its expiry, or
+    /// none at all, counts as unknown (as readers are told).
+    async fn trust_counts(&self, now: DateTime<Utc>) -> Result<TrustCounts, StoreError>;
+}
+
+/// How many registered hosts are trusted, untrusted and unknown right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrustCounts {
+    pub trusted: i64,
+    pub untrusted: i64,
+    pub unknown: i64,
 }
 
 /// A webhook that receives signed trust-change notifications.
@@ -993,6 +1006,28 @@ macro_rules! sql_store {
                 .fetch_all(&self.pool)
                 .await?;
                 rows.iter().map(verdict_row).collect()
+            }
+
+            // --- Operations (issue 8).
+            async fn trust_counts(&self, now: chrono::DateTime<chrono::Utc>) -> Result<$crate::store::TrustCounts, $crate::store::StoreError> {
+                use sqlx::Row;
+                // One pass over hosts; CAST keeps the sums BIGINT on PostgreSQL.
+                let row = sqlx::query(
+                    "SELECT \
+                     CAST(COALESCE(SUM(CASE WHEN v.expires_at > $1 AND v.trust = 'trusted' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                     CAST(COALESCE(SUM(CASE WHEN v.expires_at > $1 AND v.trust = 'untrusted' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+                     CAST(COUNT(*) AS BIGINT) \
+                     FROM hosts h LEFT JOIN verdicts v ON v.host = h.name",
+                )
+                .bind($crate::store::micros(now))
+                .fetch_one(&self.pool)
+                .await?;
+                let (trusted, untrusted, total): (i64, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+                Ok($crate::store::TrustCounts {
+                    trusted,
+                    untrusted,
+                    unknown: (total - trusted - untrusted).max(0),
+                })
             }
         }
 
