@@ -56,8 +56,9 @@ fn bench(c: &mut Criterion) {
             challenge: Some(&challenge),
             last_clock: Some(attest.clock_info),
         };
+        let host_policy = attestation_server::verify::HostPolicy::own("node1", &whitelist);
         let policy = Policy {
-            whitelist: Some(&whitelist),
+            host_policy: &host_policy,
             freshness: Duration::seconds(60),
         };
         let signature = Signature::decode(&sig_bytes).expect("signature");

@@ -15,7 +15,7 @@ use chrono::{DateTime, Duration, Utc};
 use proto::tpm::Public;
 use proto::wire::{
     Challenge, Evidence, HostDetail, HostTrust, Reason, RegisterHost, Trust, TrustQuery,
-    TrustQueryResponse, Whitelist,
+    TrustQueryResponse,
 };
 use rand::RngCore;
 use serde::de::DeserializeOwned;
@@ -36,11 +36,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/hosts/{host}/trust", get(host_trust))
         .route("/v1/hosts/{host}/events", get(host_events))
         .route("/v1/hosts/{host}/rekey", post(crate::enroll::rekey))
-        .route(
-            "/v1/hosts/{host}/whitelist",
-            get(get_whitelist).put(put_whitelist),
-        )
-        .route("/v1/hosts/{host}/whitelist/accept", post(accept_whitelist))
         .route("/v1/trust/query", post(trust_query))
         .route("/v1/events", get(crate::audit::query::list_events))
         .route("/v1/audit/status", get(crate::audit::query::audit_status))
@@ -60,6 +55,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(crate::metrics::readyz))
         .route("/metrics", get(crate::metrics::metrics))
         .route("/v1/status", get(crate::metrics::status))
+        .merge(crate::whitelist::routes())
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -207,6 +203,7 @@ async fn evidence(
         Ok(Body(ev)) => {
             let nonce = ev.nonce.to_ascii_lowercase();
             let issued = st.store.take_challenge(&nonce, &host, now).await?;
+            let host_policy = st.store.host_policy(&host).await?;
             let expected = Expected {
                 host: &host,
                 ak: &ak,
@@ -214,7 +211,7 @@ async fn evidence(
                 last_clock: record.clock,
             };
             let policy = Policy {
-                whitelist: record.whitelist.as_ref(),
+                host_policy: &host_policy,
                 freshness: Duration::seconds(st.config.freshness_secs as i64),
             };
             verify::verify(&ev, &expected, &policy, now)
@@ -450,7 +447,8 @@ pub(crate) async fn detail(st: &AppState, host: &str) -> Result<HostDetail, Erro
         host: r.name,
         registered_at: r.registered_at,
         ak_name: r.ak_name,
-        whitelist: r.whitelist,
+        whitelist: crate::whitelist::own(st, host).await?,
+        group: r.group,
         last_pcrs: r.last_pcrs,
     })
 }
@@ -479,104 +477,4 @@ async fn host_events(
             .filter_map(|e| serde_json::from_str(e).ok())
             .collect(),
     ))
-}
-
-async fn get_whitelist(
-    State(st): State<Arc<AppState>>,
-    caller: Caller,
-    Path(host): Path<String>,
-) -> Result<Json<Whitelist>, Error> {
-    caller.require(&[Role::Admin], "read whitelists")?;
-    valid_host(&host)?;
-    let r = known_host(&st, &host).await?;
-    Ok(Json(r.whitelist.unwrap_or_default()))
-}
-
-async fn put_whitelist(
-    State(st): State<Arc<AppState>>,
-    caller: Caller,
-    Path(host): Path<String>,
-    Body(wl): Body<Whitelist>,
-) -> Result<Json<HostDetail>, Error> {
-    caller.require(&[Role::Admin], "change whitelists")?;
-    valid_host(&host)?;
-    verify::validate_whitelist(&wl).map_err(Error::BadWhitelist)?;
-    set_whitelist(&st, &caller, &host, wl).await
-}
-
-async fn accept_whitelist(
-    State(st): State<Arc<AppState>>,
-    caller: Caller,
-    Path(host): Path<String>,
-) -> Result<Json<HostDetail>, Error> {
-    caller.require(&[Role::Admin], "change whitelists")?;
-    valid_host(&host)?;
-    let r = known_host(&st, &host).await?;
-    let pcrs = r.last_pcrs.ok_or_else(|| Error::NoEvidence(host.clone()))?;
-    let wl = Whitelist {
-        pcrs: pcrs
-            .into_iter()
-            .map(|(bank, values)| {
-                (
-                    bank,
-                    values.into_iter().map(|(i, v)| (i, vec![v])).collect(),
-                )
-            })
-            .collect(),
-    };
-    set_whitelist(&st, &caller, &host, wl).await
-}
-
-/// Store a new whitelist and judge the host's latest genuine evidence
-/// against it at once, so readers see the new verdict without waiting for
-/// the next quote.
-async fn set_whitelist(
-    st: &AppState,
-    caller: &Caller,
-    host: &str,
-    wl: Whitelist,
-) -> Result<Json<HostDetail>, Error> {
-    let r = known_host(st, host).await?;
-    let now = Utc::now();
-    // Re-judge only a verdict that came from genuine evidence (its reasons,
-    // if any, are whitelist faults): those are the values in last_pcrs.
-    let rejudged = match (&r.verdict, &r.last_pcrs) {
-        (Some(v), Some(pcrs))
-            if v.reasons
-                .iter()
-                .all(|x| x.step == verify::Step::Whitelist.name()) =>
-        {
-            let faults = verify::judge(pcrs, Some(&wl));
-            Some(HostTrust {
-                trust: if faults.is_empty() {
-                    Trust::Trusted
-                } else {
-                    Trust::Untrusted
-                },
-                reasons: faults,
-                ..v.clone()
-            })
-        }
-        _ => None,
-    };
-    let ev = audit::event(
-        &st.config.name,
-        audit::client(caller.0.role.as_str(), &caller.0.name),
-        audit::policy_target(host),
-        "update",
-        "success",
-        None,
-        now,
-        Some(host),
-    );
-    st.store
-        .set_whitelist(host, &wl, rejudged.as_ref(), &ev)
-        .await?;
-    if let Some(v) = &rejudged {
-        let before = current_trust(host, r.verdict.clone(), now).trust;
-        let after = current_trust(host, Some(v.clone()), now).trust;
-        st.push.report(host, before, after, now);
-    }
-    st.audit_wake.notify_one();
-    detail(st, host).await.map(Json)
 }

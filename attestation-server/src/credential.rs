@@ -52,6 +52,8 @@ pub enum CredentialError {
     BadMagic { found: u32 },
     #[error("credential file: version {found} is not {TPM2_TOOLS_CREDENTIAL_VERSION}")]
     BadVersion { found: u32 },
+    #[error("credential integrity check failed: not made for this EK and AK name")]
+    Integrity,
     #[error(transparent)]
     Decode(#[from] TpmError),
 }
@@ -135,6 +137,81 @@ pub fn make_credential(
         id_object: tpm2b(&id_object),
         encrypted_secret: tpm2b(&encrypted_seed),
     })
+}
+
+/// TPM2_ActivateCredential in software for an ECC (NIST P-256) EK whose
+/// private scalar is `ek_secret`: the inverse of [`make_credential`]. Only
+/// the fleet simulator (`attestctl simulate`) uses it; real agents activate
+/// in their TPM.
+pub fn activate_ecc(
+    ek: &Public,
+    ek_secret: &p256::SecretKey,
+    ak_name: &[u8],
+    credential: &Credential,
+) -> Result<Vec<u8>, CredentialError> {
+    let name_alg = ek.name_alg;
+    check_name(ak_name)?;
+    let aes = storage_symmetric(ek)?;
+    let PublicKey::Ecc {
+        curve: EccCurve::NistP256,
+        x: ek_x,
+        ..
+    } = &ek.key
+    else {
+        return Err(CredentialError::UnsupportedKey {
+            detail: "software activation needs a NIST P-256 EK".into(),
+        });
+    };
+    // TPM2B_ENCRYPTED_SECRET holding the ephemeral TPMS_ECC_POINT.
+    let mut r = Reader::new(&credential.encrypted_secret, "TPM2B_ENCRYPTED_SECRET");
+    let point = r.tpm2b()?;
+    r.finish()?;
+    let mut r = Reader::new(point, "TPMS_ECC_POINT");
+    let (qx, qy) = (r.tpm2b()?, r.tpm2b()?);
+    r.finish()?;
+    let mut sec1 = Vec::with_capacity(65);
+    sec1.push(0x04);
+    sec1.extend(left_pad(qx, 32)?);
+    sec1.extend(left_pad(qy, 32)?);
+    let ephemeral =
+        p256::PublicKey::from_sec1_bytes(&sec1).map_err(|_| CredentialError::InvalidKey {
+            detail: "ephemeral point is not on NIST P-256".into(),
+        })?;
+    let z = p256::ecdh::diffie_hellman(ek_secret.to_nonzero_scalar(), ephemeral.as_affine());
+    let seed = kdfe(
+        name_alg,
+        z.raw_secret_bytes(),
+        "IDENTITY",
+        qx,
+        ek_x,
+        digest_bits(name_alg),
+    );
+    // TPM2B_ID_OBJECT = TPM2B(TPM2B_DIGEST(outerHMAC) || encIdentity).
+    let mut r = Reader::new(&credential.id_object, "TPM2B_ID_OBJECT");
+    let inner = r.tpm2b()?;
+    r.finish()?;
+    let mut r = Reader::new(inner, "TPMS_ID_OBJECT");
+    let integrity = r.tpm2b()?;
+    let mut enc_identity = r.bytes(r.remaining())?.to_vec();
+    let hmac_key = kdfa(
+        name_alg,
+        &seed,
+        "INTEGRITY",
+        &[],
+        &[],
+        digest_bits(name_alg),
+    )?;
+    let expected = hmac(name_alg, &hmac_key, &[&enc_identity, ak_name])?;
+    // Not secret-dependent timing that matters here: a simulator, not a TPM.
+    if expected != integrity {
+        return Err(CredentialError::Integrity);
+    }
+    let sym_key = kdfa(name_alg, &seed, "STORAGE", ak_name, &[], aes.bits())?;
+    cfb_decrypt(aes, &sym_key, &mut enc_identity)?;
+    let mut r = Reader::new(&enc_identity, "TPM2B_DIGEST");
+    let secret = r.tpm2b()?.to_vec();
+    r.finish()?;
+    Ok(secret)
 }
 
 /// The credential file tpm2-tools 5.x reads with `tpm2_activatecredential -i`:
@@ -348,6 +425,22 @@ fn cfb_encrypt(aes: AesKeyBits, key: &[u8], buf: &mut [u8]) -> Result<(), Creden
         AesKeyBits::Aes256 => cfb_mode::Encryptor::<Aes256>::new_from_slices(key, &iv)
             .map_err(bad_key)?
             .encrypt(buf),
+    }
+    Ok(())
+}
+
+fn cfb_decrypt(aes: AesKeyBits, key: &[u8], buf: &mut [u8]) -> Result<(), CredentialError> {
+    let iv = [0u8; 16];
+    let bad_key = |_| CredentialError::Encrypt {
+        detail: format!("AES key of {} bytes", key.len()),
+    };
+    match aes {
+        AesKeyBits::Aes128 => cfb_mode::Decryptor::<Aes128>::new_from_slices(key, &iv)
+            .map_err(bad_key)?
+            .decrypt(buf),
+        AesKeyBits::Aes256 => cfb_mode::Decryptor::<Aes256>::new_from_slices(key, &iv)
+            .map_err(bad_key)?
+            .decrypt(buf),
     }
     Ok(())
 }
@@ -644,6 +737,49 @@ mod tests {
             activate_with_seed(&seed, &name, &c.id_object).unwrap(),
             secret
         );
+    }
+
+    #[test]
+    fn ecc_make_and_activate_round_trip() {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let ek_secret = p256::SecretKey::random(&mut rng());
+        let point = ek_secret.public_key().to_encoded_point(false);
+        let ek = ek_public_for_test(PublicKey::Ecc {
+            curve: EccCurve::NistP256,
+            x: point.x().unwrap().to_vec(),
+            y: point.y().unwrap().to_vec(),
+        });
+        let name = fixture("test-ak.name");
+        let secret = [0x5c; 32];
+        let c = make_credential(&ek, &name, &secret, &mut rng()).unwrap();
+        assert_eq!(activate_ecc(&ek, &ek_secret, &name, &c).unwrap(), secret);
+        // Another AK name, another EK key, or a flipped bit: refused.
+        let mut other = name.clone();
+        other[9] ^= 1;
+        assert!(matches!(
+            activate_ecc(&ek, &ek_secret, &other, &c),
+            Err(CredentialError::Integrity)
+        ));
+        let wrong_key = p256::SecretKey::random(&mut rand::thread_rng());
+        assert!(matches!(
+            activate_ecc(&ek, &wrong_key, &name, &c),
+            Err(CredentialError::Integrity)
+        ));
+        let mut flipped = c.clone();
+        let last = flipped.id_object.len() - 1;
+        flipped.id_object[last] ^= 0x01;
+        assert!(matches!(
+            activate_ecc(&ek, &ek_secret, &name, &flipped),
+            Err(CredentialError::Integrity)
+        ));
+        for cut in 0..c.encrypted_secret.len() {
+            let mut short = c.clone();
+            short.encrypted_secret.truncate(cut);
+            assert!(
+                activate_ecc(&ek, &ek_secret, &name, &short).is_err(),
+                "cut {cut}"
+            );
+        }
     }
 
     /// An EK-shaped public area (default EK template attributes, AES-128-CFB).

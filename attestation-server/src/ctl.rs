@@ -9,12 +9,15 @@ use clap::{Parser, Subcommand};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use proto::client::{ApiClient, TlsFiles};
-use proto::wire::{HostDetail, HostTrust, RegisterHost, TrustQuery, TrustQueryResponse, Whitelist};
+use proto::wire::{HostDetail, HostTrust, RegisterHost, TrustQuery, TrustQueryResponse};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod check;
+pub mod ima;
+pub mod whitelist;
+pub mod eventlog;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,9 +39,12 @@ pub enum Command {
     /// Register, show and inspect hosts.
     #[command(subcommand)]
     Host(HostCommand),
-    /// Read and change a host's whitelist.
+    /// Versioned whitelists: list, import/export, golden host, diff, dry-run.
     #[command(subcommand)]
-    Whitelist(WhitelistCommand),
+    Whitelist(whitelist::WhitelistCommand),
+    /// Host groups: which whitelists judge which hosts.
+    #[command(subcommand)]
+    Group(whitelist::GroupCommand),
     /// Print the current verdict of each host.
     Trust { hosts: Vec<String> },
     /// The audit trail: delivery status, export, tamper check.
@@ -47,6 +53,18 @@ pub enum Command {
     /// Nagios/Icinga plugin: one status line with perfdata; exits 0 OK,
     /// 1 WARNING, 2 CRITICAL, 3 UNKNOWN (server unreachable).
     Check(check::CheckArgs),
+    /// IMA runtime measurement lists: offline verification.
+    #[command(subcommand)]
+    Ima(ima::ImaCommand),
+    /// Load testing: a fleet of virtual hosts (software TPM keys) that
+    /// enroll and attest through the real protocol; prints a JSON summary.
+    Simulate(crate::simulate::SimulateArgs),
+    /// Local: replay a UEFI event log (binary_bios_measurements).
+    #[command(subcommand)]
+    Eventlog(eventlog::EventlogCommand),
+    /// Local: boot reference policies.
+    #[command(subcommand)]
+    Policy(eventlog::PolicyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,15 +106,6 @@ pub enum HostCommand {
     Rekey { host: String },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum WhitelistCommand {
-    /// Print the host's whitelist.
-    Show { host: String },
-    /// Replace the host's whitelist with the JSON in FILE.
-    Set { host: String, file: PathBuf },
-    /// Accept the host's last verified PCR values as its whitelist.
-    Accept { host: String },
-}
 
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
@@ -406,6 +415,18 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
         crate::audit::ctl::init(&cmd.pool, &cmd.audit, &summary)?;
         return Ok(serde_json::to_value(summary).unwrap_or_default());
     }
+    if let Command::Eventlog(cmd) = &cli.command {
+        return eventlog::run_eventlog(cmd);
+    }
+    if let Command::Policy(cmd) = &cli.command {
+        return eventlog::run_policy(cmd);
+    }
+    if let Command::Simulate(args) = &cli.command {
+        return Ok(crate::simulate::run_json(args).await?);
+    }
+    if let Command::Ima(cmd) = &cli.command {
+        return ima::run(cmd);
+    }
     if let Command::Check(args) = &cli.command {
         // The binary prints the line and exits with the plugin code itself;
         // as JSON, the same report.
@@ -423,7 +444,9 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
     })?;
     let api = CtlConfig::load(&path)?.client()?;
     let value = match cli.command {
-        Command::Init(_) | Command::Check(_) => serde_json::Value::Null,
+        Command::Init(_) | Command::Check(_) | Command::Simulate(_) => serde_json::Value::Null,
+        Command::Ima(_) => serde_json::Value::Null,
+        Command::Eventlog(_) | Command::Policy(_) => serde_json::Value::Null,
         Command::Audit(_) => api.get::<serde_json::Value>("/v1/audit/status").await?,
         Command::Host(HostCommand::Register { host }) => to_json(
             api.post::<_, HostDetail>("/v1/hosts", &RegisterHost { host })
@@ -440,31 +463,8 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
             api.get::<serde_json::Value>(&format!("/v1/hosts/{host}/events"))
                 .await?
         }
-        Command::Whitelist(WhitelistCommand::Show { host }) => to_json(
-            api.get::<Whitelist>(&format!("/v1/hosts/{host}/whitelist"))
-                .await?,
-        ),
-        Command::Whitelist(WhitelistCommand::Set { host, file }) => {
-            let text = std::fs::read_to_string(&file).map_err(|e| CtlError::Input {
-                path: file.display().to_string(),
-                detail: e.to_string(),
-            })?;
-            let wl: Whitelist = serde_json::from_str(&text).map_err(|e| CtlError::Input {
-                path: file.display().to_string(),
-                detail: e.to_string(),
-            })?;
-            to_json(
-                api.put::<_, HostDetail>(&format!("/v1/hosts/{host}/whitelist"), &wl)
-                    .await?,
-            )
-        }
-        Command::Whitelist(WhitelistCommand::Accept { host }) => to_json(
-            api.post::<_, HostDetail>(
-                &format!("/v1/hosts/{host}/whitelist/accept"),
-                &serde_json::json!({}),
-            )
-            .await?,
-        ),
+        Command::Whitelist(cmd) => whitelist::run_whitelist(&api, cmd).await?,
+        Command::Group(cmd) => whitelist::run_group(&api, cmd).await?,
         Command::Trust { hosts } => {
             let answer: TrustQueryResponse =
                 api.post("/v1/trust/query", &TrustQuery { hosts }).await?;

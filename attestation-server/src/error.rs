@@ -72,6 +72,34 @@ pub enum Error {
     NoEvidence(String),
     #[error("invalid whitelist: {0}")]
     BadWhitelist(String),
+    // Whitelist policy (issue 4).
+    #[error("invalid policy: {0}")]
+    Policy(#[from] proto::policy::PolicyError),
+    #[error("no whitelist {name}{}", version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    UnknownWhitelist { name: String, version: Option<u32> },
+    #[error("whitelist {name} exists (version {version}); update it with base_version {version}")]
+    WhitelistExists { name: String, version: u32 },
+    #[error("{what} {name} is at version {}, not {} as this change assumes; read it again and redo the change",
+        current.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+        base.map(|b| b.to_string()).unwrap_or_else(|| "none".into()))]
+    VersionConflict {
+        what: &'static str,
+        name: String,
+        base: Option<u32>,
+        current: Option<u32>,
+    },
+    #[error("{what} {name} is at version {current}: send base_version {current} to change it")]
+    BaseVersionRequired {
+        what: &'static str,
+        name: String,
+        current: u32,
+    },
+    #[error("whitelist {name} is assigned to group(s) {}; remove it from them first", groups.join(", "))]
+    WhitelistInUse { name: String, groups: Vec<String> },
+    #[error("no host group {0}")]
+    UnknownGroup(String),
+    #[error("group {name} still has hosts ({}); move them out first", hosts.join(", "))]
+    GroupInUse { name: String, hosts: Vec<String> },
     #[error("storage unavailable: {0}")]
     Storage(#[from] StoreError),
     #[error("no such API route")]
@@ -121,7 +149,14 @@ impl Error {
             | AkNameMismatch { .. }
             | BadEk(_)
             | BadWhitelist(_)
+            | Policy(_)
+            | BaseVersionRequired { .. }
             | Credential(_) => StatusCode::BAD_REQUEST,
+            UnknownWhitelist { .. } | UnknownGroup(_) => StatusCode::NOT_FOUND,
+            WhitelistExists { .. }
+            | VersionConflict { .. }
+            | WhitelistInUse { .. }
+            | GroupInUse { .. } => StatusCode::CONFLICT,
             EkCertificate(e) => match e {
                 crate::ekcert::EkCertError::Malformed { .. }
                 | crate::ekcert::EkCertError::KeyMismatch => StatusCode::BAD_REQUEST,
@@ -192,6 +227,14 @@ impl Error {
             UnknownHost(_) => "unknown_host",
             NoEvidence(_) => "no_evidence",
             BadWhitelist(_) => "whitelist_invalid",
+            Policy(e) => e.code(),
+            UnknownWhitelist { .. } => "unknown_whitelist",
+            WhitelistExists { .. } => "whitelist_exists",
+            VersionConflict { .. } => "version_conflict",
+            BaseVersionRequired { .. } => "base_version_required",
+            WhitelistInUse { .. } => "whitelist_in_use",
+            UnknownGroup(_) => "unknown_group",
+            GroupInUse { .. } => "group_in_use",
             Storage(_) => "storage_unavailable",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",

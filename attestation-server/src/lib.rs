@@ -18,10 +18,12 @@ pub mod oat;
 pub mod pki;
 pub mod placement;
 pub mod push;
+pub mod simulate;
 pub mod store;
 pub mod tls;
 pub mod token;
 pub mod verify;
+pub mod whitelist;
 
 use crate::config::ServerConfig;
 use crate::error::Error;

@@ -322,6 +322,7 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
+            policy: None,
         }
     }
 

@@ -117,7 +117,13 @@ pub async fn host_token(
         expires_at,
         iat,
         exp,
-        whitelist_version: None,
+        whitelist_version: v.policy.as_ref().map(|p| {
+            p.whitelists
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
     };
     Ok(Json(TokenResponse {
         token: signer.sign(&claims)?,

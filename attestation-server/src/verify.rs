@@ -19,11 +19,15 @@
 
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
+use proto::policy::{
+    AppliedPolicy, Group, MatchPolicy, Part, PartOutcome, PartResult, WhitelistRef,
+    WhitelistVersion,
+};
 use proto::tpm::{
     self, Attest, ClockInfo, EccCurve, HashAlg, KeyScheme, PcrSelection, Public, PublicKey,
     Signature,
 };
-use proto::wire::{self, Evidence, HostTrust, PcrFault, PcrValues, Reason, Trust, Whitelist};
+use proto::wire::{self, Evidence, HostTrust, PcrFault, PcrValues, Reason, Trust};
 use ring::signature as sig;
 use std::collections::BTreeSet;
 
@@ -219,8 +223,47 @@ pub struct Expected<'a> {
 /// How to judge genuine evidence.
 #[derive(Debug, Clone)]
 pub struct Policy<'a> {
-    pub whitelist: Option<&'a Whitelist>,
+    pub host_policy: &'a HostPolicy,
     pub freshness: Duration,
+}
+
+/// What judges one host: its group (with the match policy per part) and
+/// the newest version of every whitelist that applies to it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostPolicy {
+    pub group: Option<Group>,
+    pub whitelists: Vec<WhitelistVersion>,
+}
+
+impl HostPolicy {
+    /// A policy of one whitelist holding `wl` as the host's own values
+    /// (part `host_unique`), as `PUT /v1/hosts/{host}/whitelist` stores it.
+    pub fn own(host: &str, wl: &wire::Whitelist) -> Self {
+        HostPolicy {
+            group: None,
+            whitelists: vec![WhitelistVersion {
+                name: format!("host:{host}"),
+                version: 1,
+                description: None,
+                parts: std::collections::BTreeMap::from([(
+                    proto::policy::PART_HOST_UNIQUE.to_string(),
+                    Part {
+                        pcrs: wl.pcrs.clone(),
+                    },
+                )]),
+                deleted: false,
+                created_at: DateTime::<Utc>::UNIX_EPOCH,
+                created_by: String::new(),
+            }],
+        }
+    }
+}
+
+/// The outcome of step 7: faults (empty: trusted) and what was applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    pub faults: Vec<Reason>,
+    pub applied: AppliedPolicy,
 }
 
 /// Genuine evidence and the verdict on it.
@@ -255,10 +298,12 @@ pub fn verify(
     check_selection(&decoded.attest, &evidence.pcrs, expected.challenge)?;
     check_pcr_digest(&decoded, &evidence.pcrs)?;
     let rebooted = check_clock(&decoded.attest.clock_info, expected.last_clock.as_ref())?;
-    let faults = judge(&evidence.pcrs, policy.whitelist);
+    let judgement = judge(&evidence.pcrs, policy.host_policy);
+    let mut verdict = verdict(expected.host, judgement.faults, now, policy.freshness);
+    verdict.policy = Some(judgement.applied);
     Ok(Verified {
         rebooted,
-        verdict: verdict(expected.host, faults, now, policy.freshness),
+        verdict,
         attest: decoded.attest,
         pcrs: evidence.pcrs.clone(),
     })
@@ -532,25 +577,121 @@ pub fn check_clock(quoted: &ClockInfo, last: Option<&ClockInfo>) -> Result<bool,
     Ok(false)
 }
 
-/// Step 7: compare genuine PCR values with the whitelist. Every whitelisted
-/// PCR must be reported with one of its acceptable values; PCRs the
-/// whitelist does not name are not judged. No whitelist, or an empty one,
-/// judges nothing and so is itself a fault: trust is never the default.
-pub fn judge(pcrs: &PcrValues, whitelist: Option<&Whitelist>) -> Vec<Reason> {
-    let entries = whitelist
-        .map(|w| w.pcrs.values().map(|b| b.len()).sum::<usize>())
-        .unwrap_or(0);
-    let Some(wl) = whitelist.filter(|_| entries > 0) else {
-        return vec![Reason {
+/// Step 7: compare genuine PCR values with the host's policy, part by part.
+///
+/// A part passes when any of the host's whitelists that defines it matches:
+/// every PCR the part lists is reported with one of its acceptable values
+/// (PCRs no part names are not judged). A part the group marks `required`
+/// must be defined by one of its whitelists. A policy that judges nothing
+/// is itself a fault: trust is never the default.
+pub fn judge(pcrs: &PcrValues, policy: &HostPolicy) -> Judgement {
+    let mut applied = AppliedPolicy {
+        group: policy.group.as_ref().map(|g| g.name.clone()),
+        whitelists: policy
+            .whitelists
+            .iter()
+            .map(|w| WhitelistRef {
+                name: w.name.clone(),
+                version: w.version,
+            })
+            .collect(),
+        parts: Vec::new(),
+    };
+    // part name -> the whitelists that define it, in name order.
+    let mut parts: std::collections::BTreeMap<&str, Vec<(&WhitelistVersion, &Part)>> =
+        Default::default();
+    for w in policy.whitelists.iter().filter(|w| !w.deleted) {
+        for (name, part) in &w.parts {
+            parts.entry(name).or_default().push((w, part));
+        }
+    }
+    let mut faults = Vec::new();
+    if let Some(group) = &policy.group {
+        for (part, rule) in &group.match_policy {
+            if *rule == MatchPolicy::Required && !parts.contains_key(part.as_str()) {
+                faults.push(Reason {
+                    step: Step::Whitelist.name().into(),
+                    code: "part_missing".into(),
+                    message: format!(
+                        "group {} requires part {part}, which none of its whitelists defines",
+                        group.name
+                    ),
+                    pcr: None,
+                });
+                applied.parts.push(PartResult {
+                    part: part.clone(),
+                    outcome: PartOutcome::Missing,
+                    whitelist: None,
+                    pcrs_checked: 0,
+                });
+            }
+        }
+    }
+    let mut judged = 0usize;
+    for (name, candidates) in &parts {
+        // The first candidate that passes wins; otherwise report the closest.
+        let mut best: Option<(WhitelistRef, Vec<Reason>, usize)> = None;
+        for (w, part) in candidates {
+            let (part_faults, checked) = judge_part(pcrs, name, w, part);
+            let better = best
+                .as_ref()
+                .is_none_or(|(_, f, _)| part_faults.len() < f.len());
+            if better {
+                best = Some((
+                    WhitelistRef {
+                        name: w.name.clone(),
+                        version: w.version,
+                    },
+                    part_faults,
+                    checked,
+                ));
+            }
+            if best.as_ref().is_some_and(|(_, f, _)| f.is_empty()) {
+                break;
+            }
+        }
+        let Some((wref, part_faults, checked)) = best else {
+            continue;
+        };
+        judged += checked;
+        applied.parts.push(PartResult {
+            part: name.to_string(),
+            outcome: if part_faults.is_empty() {
+                PartOutcome::Pass
+            } else {
+                PartOutcome::Fail
+            },
+            whitelist: Some(wref),
+            pcrs_checked: checked,
+        });
+        faults.extend(part_faults);
+    }
+    if judged == 0 && faults.is_empty() {
+        faults.push(Reason {
             step: Step::Whitelist.name().into(),
             code: "no_whitelist".into(),
-            message: "no whitelist is set for this host".into(),
+            message: match &policy.group {
+                Some(g) => format!("the whitelists of group {} list no PCR value", g.name),
+                None => "no whitelist applies to this host".into(),
+            },
             pcr: None,
-        }];
-    };
+        });
+    }
+    Judgement { faults, applied }
+}
+
+/// One part of one whitelist: its faults and how many PCRs it judged.
+fn judge_part(
+    pcrs: &PcrValues,
+    part_name: &str,
+    w: &WhitelistVersion,
+    part: &Part,
+) -> (Vec<Reason>, usize) {
     let mut faults = Vec::new();
-    for (bank, indices) in &wl.pcrs {
+    let mut checked = 0;
+    for (bank, indices) in &part.pcrs {
         for (index, acceptable) in indices {
+            checked += 1;
             let actual = pcrs.get(bank).and_then(|b| b.get(index));
             let ok = actual.is_some_and(|a| acceptable.iter().any(|v| v.eq_ignore_ascii_case(a)));
             if ok {
@@ -559,11 +700,17 @@ pub fn judge(pcrs: &PcrValues, whitelist: Option<&Whitelist>) -> Vec<Reason> {
             let (code, message) = match actual {
                 Some(a) => (
                     "pcr_not_whitelisted",
-                    format!("PCR {index} ({bank}) is {a}, not an acceptable value"),
+                    format!(
+                        "PCR {index} ({bank}) is {a}, not an acceptable value of part {part_name} in whitelist {}@{}",
+                        w.name, w.version
+                    ),
                 ),
                 None => (
                     "pcr_not_reported",
-                    format!("PCR {index} ({bank}) is whitelisted but was not quoted"),
+                    format!(
+                        "PCR {index} ({bank}) is in part {part_name} of whitelist {}@{} but was not quoted",
+                        w.name, w.version
+                    ),
                 ),
             };
             faults.push(Reason {
@@ -574,12 +721,14 @@ pub fn judge(pcrs: &PcrValues, whitelist: Option<&Whitelist>) -> Vec<Reason> {
                     index: *index,
                     bank: *bank,
                     expected: acceptable.clone(),
-                    actual: actual.cloned(),
+                    actual: actual.map(|a| a.to_ascii_lowercase()),
+                    part: Some(part_name.to_string()),
+                    whitelist: Some(format!("{}@{}", w.name, w.version)),
                 }),
             });
         }
     }
-    faults
+    (faults, checked)
 }
 
 /// Step 8: trusted only when no fault was found.
@@ -599,34 +748,8 @@ pub fn verdict(
         verified_at: Some(verified_at),
         expires_at: Some(verified_at + freshness),
         reasons: faults,
+        policy: None,
     }
-}
-
-/// Check a whitelist's shape: known banks (enforced by its type), PCR
-/// indices 0–23, hex digests of the bank's length, at least one value each.
-pub fn validate_whitelist(wl: &Whitelist) -> Result<(), String> {
-    for (bank, indices) in &wl.pcrs {
-        for (index, values) in indices {
-            if *index > tpm::MAX_PCR {
-                return Err(format!("PCR index {index} is outside 0-{}", tpm::MAX_PCR));
-            }
-            if values.is_empty() {
-                return Err(format!("PCR {index} ({bank}) lists no acceptable value"));
-            }
-            for v in values {
-                match hex::decode(v) {
-                    Ok(b) if b.len() == bank.digest_len() => {}
-                    _ => {
-                        return Err(format!(
-                            "PCR {index} ({bank}): {v:?} is not a {}-byte hex digest",
-                            bank.digest_len()
-                        ))
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The selection a challenge asks for, in TPM form.

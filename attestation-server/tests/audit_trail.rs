@@ -147,6 +147,7 @@ async fn attest(s: &Server, host: &str, trusted: bool, ttl: chrono::Duration) {
         verified_at: Some(now),
         expires_at: Some(now + ttl),
         reasons,
+        policy: None,
     };
     let pcrs: proto::wire::PcrValues = serde_json::from_value(serde_json::json!({
         "sha256": {"0": "11".repeat(32), "7": "22".repeat(32)}

@@ -62,6 +62,7 @@ async fn store_verdict(state: &AppState, host: &str, trust: Trust) {
         verified_at: Some(now),
         expires_at: Some(now + Duration::minutes(10)),
         reasons: vec![],
+        policy: None,
     };
     let rec = AttestationRecord {
         verdict: &v,

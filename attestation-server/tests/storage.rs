@@ -8,13 +8,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use attestation_server::store::{
-    self, ActivateOutcome, AttestationRecord, Enrollment, NewChallenge, NewEvent, Store,
+    self, ActivateOutcome, ApplyOutcome, AttestationRecord, Enrollment, NewChallenge, NewEvent,
+    PolicyChange, Rejudged, Store,
 };
 use chrono::{Duration, DurationRound, Utc};
+use proto::policy::{Group, MatchPolicy, Part, WhitelistVersion};
 use proto::tpm::ClockInfo;
-use proto::wire::{HostTrust, PcrValues, Reason, Trust, Whitelist};
+use proto::wire::{HostTrust, PcrValues, Reason, Trust};
 use proto::HashAlg;
 use sqlx::Connection;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 fn event(host: &str, n: u32) -> NewEvent {
@@ -35,6 +38,203 @@ fn pcrs(v: &str) -> PcrValues {
     )]
     .into_iter()
     .collect()
+}
+
+fn whitelist_version(name: &str, version: u32, pcr0: &str, deleted: bool) -> WhitelistVersion {
+    WhitelistVersion {
+        name: name.into(),
+        version,
+        description: Some(format!("v{version}")),
+        parts: BTreeMap::from([(
+            "platform".to_string(),
+            Part {
+                pcrs: BTreeMap::from([(
+                    HashAlg::Sha256,
+                    BTreeMap::from([(0u8, vec![pcr0.to_string()])]),
+                )]),
+            },
+        )]),
+        deleted,
+        created_at: Utc::now()
+            .duration_trunc(Duration::microseconds(1))
+            .unwrap(),
+        created_by: "admin".into(),
+    }
+}
+
+fn policy_event(n: u32) -> NewEvent {
+    NewEvent {
+        id: uuid::Uuid::new_v4().to_string(),
+        time: Utc::now(),
+        host: None,
+        body: format!("{{\"policy\":{n}}}"),
+    }
+}
+
+/// Versioned whitelists and groups: optimistic concurrency, in-use refusals,
+/// history, and the policy that judges a host.
+async fn policy_suite(s: Arc<dyn Store>) {
+    let now = Utc::now()
+        .duration_trunc(Duration::microseconds(1))
+        .unwrap();
+    s.register_host("p1", now).await.unwrap();
+    s.register_host("p2", now).await.unwrap();
+    let put = |v: WhitelistVersion, expected_head| PolicyChange::PutWhitelist {
+        version: v,
+        expected_head,
+    };
+    let events_before = s.events_after(0, 10_000).await.unwrap().len();
+
+    let v1 = whitelist_version("fleet", 1, &"01".repeat(32), false);
+    let applied = s
+        .apply_policy_change(&put(v1.clone(), None), &[], &policy_event(1))
+        .await
+        .unwrap();
+    assert_eq!(applied, ApplyOutcome::Applied);
+    // Creating it again, or editing from a stale version, is a conflict.
+    let again = whitelist_version("fleet", 1, &"02".repeat(32), false);
+    assert_eq!(
+        s.apply_policy_change(&put(again, None), &[], &policy_event(2))
+            .await
+            .unwrap(),
+        ApplyOutcome::Conflict { current: Some(1) }
+    );
+    let v2 = whitelist_version("fleet", 2, &"02".repeat(32), false);
+    assert_eq!(
+        s.apply_policy_change(&put(v2.clone(), Some(1)), &[], &policy_event(3))
+            .await
+            .unwrap(),
+        ApplyOutcome::Applied
+    );
+    let stale = whitelist_version("fleet", 2, &"03".repeat(32), false);
+    assert_eq!(
+        s.apply_policy_change(&put(stale, Some(1)), &[], &policy_event(4))
+            .await
+            .unwrap(),
+        ApplyOutcome::Conflict { current: Some(2) }
+    );
+    assert_eq!(s.whitelist("fleet", None).await.unwrap(), Some(v2.clone()));
+    assert_eq!(
+        s.whitelist("fleet", Some(1)).await.unwrap(),
+        Some(v1.clone())
+    );
+    assert_eq!(
+        s.whitelist_history("fleet").await.unwrap(),
+        vec![v1, v2.clone()]
+    );
+
+    // A group using it, with a member: the member is judged by it.
+    let group = Group {
+        name: "edge".into(),
+        version: 1,
+        description: None,
+        whitelists: vec!["fleet".into()],
+        match_policy: BTreeMap::from([("platform".to_string(), MatchPolicy::Required)]),
+        updated_at: now,
+        hosts: vec![],
+    };
+    let put_group = PolicyChange::PutGroup {
+        group: group.clone(),
+        expected_version: None,
+    };
+    assert_eq!(
+        s.apply_policy_change(&put_group, &[], &policy_event(5))
+            .await
+            .unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert_eq!(
+        s.apply_policy_change(&put_group, &[], &policy_event(6))
+            .await
+            .unwrap(),
+        ApplyOutcome::Conflict { current: Some(1) }
+    );
+    let members = PolicyChange::Members {
+        group: "edge".into(),
+        add: vec!["p1".into()],
+        remove: vec![],
+    };
+    s.apply_policy_change(&members, &[], &policy_event(7))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.host("p1").await.unwrap().unwrap().group.as_deref(),
+        Some("edge")
+    );
+    assert_eq!(
+        s.group("edge").await.unwrap().unwrap().hosts,
+        vec!["p1".to_string()]
+    );
+    assert_eq!(
+        s.groups_using("fleet").await.unwrap(),
+        vec!["edge".to_string()]
+    );
+    let hp = s.host_policy("p1").await.unwrap();
+    assert_eq!(hp.group.map(|g| g.name), Some("edge".into()));
+    assert_eq!(hp.whitelists, vec![v2.clone()]);
+    assert!(s.host_policy("p2").await.unwrap().whitelists.is_empty());
+
+    // Deleting a whitelist a group uses, or a group with hosts, is refused.
+    let delete = whitelist_version("fleet", 3, &"00".repeat(32), true);
+    assert_eq!(
+        s.apply_policy_change(&put(delete.clone(), Some(2)), &[], &policy_event(8))
+            .await
+            .unwrap(),
+        ApplyOutcome::InUse {
+            by: vec!["edge".into()]
+        }
+    );
+    let delete_group = PolicyChange::DeleteGroup {
+        name: "edge".into(),
+    };
+    assert_eq!(
+        s.apply_policy_change(&delete_group, &[], &policy_event(9))
+            .await
+            .unwrap(),
+        ApplyOutcome::InUse {
+            by: vec!["p1".into()]
+        }
+    );
+    // Empty the group, delete it, then the whitelist: versions stay readable.
+    let out = PolicyChange::Members {
+        group: "edge".into(),
+        add: vec![],
+        remove: vec!["p1".into()],
+    };
+    s.apply_policy_change(&out, &[], &policy_event(10))
+        .await
+        .unwrap();
+    assert_eq!(s.host("p1").await.unwrap().unwrap().group, None);
+    assert_eq!(
+        s.apply_policy_change(&delete_group, &[], &policy_event(11))
+            .await
+            .unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert_eq!(
+        s.apply_policy_change(&put(delete, Some(2)), &[], &policy_event(12))
+            .await
+            .unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert!(s.whitelist("fleet", None).await.unwrap().unwrap().deleted);
+    assert_eq!(s.whitelist("fleet", Some(2)).await.unwrap(), Some(v2));
+    assert!(s.group("edge").await.unwrap().is_none());
+    let summary = s.whitelists().await.unwrap();
+    assert!(summary
+        .iter()
+        .any(|w| w.name == "fleet" && w.deleted && w.version == 3));
+
+    // Only applied changes left events (refusals rolled back).
+    let events = s.events_after(0, 10_000).await.unwrap();
+    let bodies: Vec<&str> = events[events_before..]
+        .iter()
+        .map(|(_, b)| b.as_str())
+        .collect();
+    assert_eq!(
+        bodies,
+        [1, 3, 5, 7, 10, 11, 12].map(|n| format!("{{\"policy\":{n}}}"))
+    );
 }
 
 async fn suite(s: Arc<dyn Store>) {
@@ -183,6 +383,7 @@ async fn suite(s: Arc<dyn Store>) {
             message: "m".into(),
             pcr: None,
         }],
+        policy: None,
     };
     let values = pcrs(&"00".repeat(32));
     let clock = ClockInfo {
@@ -213,26 +414,31 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!(found.len(), 1);
     assert_eq!(found["n1"], verdict);
 
-    // A whitelist change with its re-judged verdict.
-    let wl = Whitelist {
-        pcrs: [(
-            HashAlg::Sha256,
-            [(0u8, vec!["00".repeat(32)])].into_iter().collect(),
-        )]
-        .into_iter()
-        .collect(),
-    };
+    // A policy change with its re-judged verdict (the full policy suite is below).
     let trusted = HostTrust {
         trust: Trust::Trusted,
         reasons: vec![],
         ..verdict.clone()
     };
-    s.set_whitelist("n1", &wl, Some(&trusted), &event("n1", 10))
+    let own = whitelist_version("host:n1", 1, &"00".repeat(32), false);
+    let done = s
+        .apply_policy_change(
+            &PolicyChange::PutWhitelist {
+                version: own.clone(),
+                expected_head: None,
+            },
+            &[Rejudged {
+                host: "n1".into(),
+                verdict: trusted.clone(),
+            }],
+            &event("n1", 10),
+        )
         .await
         .unwrap();
+    assert_eq!(done, ApplyOutcome::Applied);
     let h = s.host("n1").await.unwrap().unwrap();
-    assert_eq!(h.whitelist, Some(wl));
     assert_eq!(h.verdict, Some(trusted));
+    assert_eq!(s.host_policy("n1").await.unwrap().whitelists, vec![own]);
 
     // Events: ordered, with a per-sink cursor.
     s.record_event(&event("n2", 11)).await.unwrap();
@@ -312,6 +518,7 @@ async fn suite(s: Arc<dyn Store>) {
         verified_at: Some(at - Duration::seconds(60)),
         expires_at: Some(expires_at),
         reasons: vec![],
+        policy: None,
     };
     for (host, trust, expires_at) in [
         ("tc-trusted", Trust::Trusted, at + Duration::seconds(60)),
@@ -353,6 +560,7 @@ async fn storage_suite_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     suite(store::open(&url).await.unwrap()).await;
+    policy_suite(store::open(&url).await.unwrap()).await;
     // Migrations run once: reopening the same file works and keeps data.
     let again = store::open(&url).await.unwrap();
     assert!(again.host("n1").await.unwrap().is_some());
@@ -381,6 +589,7 @@ async fn storage_suite_on_postgres() {
     };
     let result = tokio::spawn(async move {
         suite(store::open(&url).await.unwrap()).await;
+        policy_suite(store::open(&url).await.unwrap()).await;
         // Reopening (a second server starting) finds the schema migrated.
         let again = store::open(&url).await.unwrap();
         assert!(again.host("n1").await.unwrap().is_some());

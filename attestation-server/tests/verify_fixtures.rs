@@ -87,8 +87,11 @@ fn run(
         challenge: ch,
         last_clock: None,
     };
+    let host_policy = wl
+        .map(|w| verify::HostPolicy::own("node1", w))
+        .unwrap_or_default();
     let policy = Policy {
-        whitelist: wl,
+        host_policy: &host_policy,
         freshness: Duration::seconds(60),
     };
     verify::verify(ev, &expected, &policy, now())
@@ -349,23 +352,34 @@ fn whitelist_step_names_the_failing_pcr_and_accepts_any_listed_value() {
 
 #[test]
 fn whitelist_validation_refuses_bad_shapes() {
+    use proto::policy::{normalize_parts, Part, Parts};
     let f = ours("rsa");
+    let parts = |wl: &Whitelist| {
+        Parts::from([(
+            "host_unique".to_string(),
+            Part {
+                pcrs: wl.pcrs.clone(),
+            },
+        )])
+    };
     let mut wl = golden(&f.evidence.pcrs);
-    assert!(verify::validate_whitelist(&wl).is_ok());
+    assert!(normalize_parts(&mut parts(&wl)).is_ok());
     let bank = *wl.pcrs.keys().next().unwrap();
     wl.pcrs
         .get_mut(&bank)
         .unwrap()
         .insert(24, vec!["00".repeat(32)]);
-    assert!(verify::validate_whitelist(&wl).unwrap_err().contains("24"));
+    let e = normalize_parts(&mut parts(&wl)).unwrap_err();
+    assert_eq!(e.code(), "pcr_index_out_of_range");
+    assert!(e.to_string().contains("24"));
     let mut wl = golden(&f.evidence.pcrs);
     wl.pcrs
         .get_mut(&bank)
         .unwrap()
         .insert(1, vec!["00".repeat(20)]);
-    assert!(verify::validate_whitelist(&wl)
-        .unwrap_err()
-        .contains("32-byte"));
+    let e = normalize_parts(&mut parts(&wl)).unwrap_err();
+    assert_eq!(e.code(), "digest_malformed");
+    assert!(e.to_string().contains("32-byte"));
 }
 
 #[test]
@@ -382,8 +396,9 @@ fn clock_step_detects_rollback_and_reboots() {
                 challenge: Some(&ch),
                 last_clock: Some(last),
             };
+            let host_policy = verify::HostPolicy::own("node1", &wl);
             let policy = Policy {
-                whitelist: Some(&wl),
+                host_policy: &host_policy,
                 freshness: Duration::seconds(60),
             };
             verify::verify(&f.evidence, &expected, &policy, now())

@@ -160,6 +160,10 @@ impl ApiClient {
         self.call(Method::PUT, path, Some(body)).await
     }
 
+    pub async fn delete<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        self.call::<(), R>(Method::DELETE, path, None).await
+    }
+
     async fn call<B: Serialize, R: DeserializeOwned>(
         &self,
         method: Method,

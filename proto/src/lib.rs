@@ -6,7 +6,12 @@
 //! so the server, the scheduler filter and fuzzers can use it without libtss2.
 #![forbid(unsafe_code)]
 
+pub mod bootpolicy;
 pub mod cadf;
+pub mod ima;
+pub mod runtime_policy;
+pub mod eventlog;
+pub mod policy;
 pub mod token;
 pub mod tpm;
 pub mod wire;

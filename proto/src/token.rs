@@ -62,7 +62,7 @@ pub struct Claims {
     pub iat: i64,
     /// Never later than `expires_at`.
     pub exp: i64,
-    /// Version of the whitelist the host was judged against (not versioned yet).
+    /// The whitelist versions the verdict was judged against, `name@version` comma-separated.
     pub whitelist_version: Option<String>,
 }
 

@@ -162,6 +162,12 @@ pub struct PcrFault {
     pub bank: HashAlg,
     pub expected: Vec<String>,
     pub actual: Option<String>,
+    /// The whitelist part that lists this PCR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
+    /// The whitelist version the values come from, e.g. `fleet@3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whitelist: Option<String>,
 }
 
 /// A host's trust verdict: the answer of `/evidence`, `/trust` and `/trust/query`.
@@ -174,6 +180,10 @@ pub struct HostTrust {
     pub expires_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub reasons: Vec<Reason>,
+    /// The group and whitelist versions the evidence was judged against,
+    /// part by part (absent when evidence never reached the whitelist step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::AppliedPolicy>,
 }
 
 impl HostTrust {
@@ -184,6 +194,7 @@ impl HostTrust {
             verified_at: None,
             expires_at: None,
             reasons: vec![reason],
+            policy: None,
         }
     }
 }
@@ -215,6 +226,10 @@ pub struct HostDetail {
     pub host: String,
     pub registered_at: DateTime<Utc>,
     pub ak_name: Option<String>,
+    /// The host's group, whose whitelists judge it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The host's own whitelist (`PUT /v1/hosts/{host}/whitelist`), all parts merged.
     pub whitelist: Option<Whitelist>,
     /// The PCR values of the last evidence that passed the integrity steps.
     pub last_pcrs: Option<PcrValues>,

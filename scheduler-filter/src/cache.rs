@@ -105,6 +105,7 @@ mod tests {
             verified_at: None,
             expires_at,
             reasons: vec![],
+            policy: None,
         }
     }
 

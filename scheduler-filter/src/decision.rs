@@ -149,6 +149,7 @@ mod tests {
             verified_at: Some(now),
             expires_at: expires_in.map(|s| now + TimeDelta::seconds(s)),
             reasons: vec![],
+            policy: None,
         }
     }
 

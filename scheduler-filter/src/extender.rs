@@ -347,6 +347,7 @@ mod tests {
                         pcr: None,
                     }]
                 },
+                policy: None,
             }),
             reason: "r".into(),
         }

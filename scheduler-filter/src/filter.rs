@@ -223,6 +223,7 @@ mod tests {
             verified_at: Some(now),
             expires_at: Some(now + TimeDelta::seconds(expires_in)),
             reasons: vec![],
+            policy: None,
         }
     }
 

@@ -75,6 +75,7 @@ mod tests {
                     verified_at: Some(verified),
                     expires_at: Some(now + TimeDelta::seconds(60)),
                     reasons: vec![],
+                    policy: None,
                 }),
                 reason: "ok".into(),
             },

@@ -202,6 +202,7 @@ impl Pool {
             verified_at: Some(verified_at),
             expires_at: Some(expires_at),
             reasons: Vec::new(),
+            policy: None,
         };
         let rec = attestation_server::store::AttestationRecord {
             verdict: &verdict,

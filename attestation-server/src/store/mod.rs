@@ -15,8 +15,9 @@ pub use sqlite::SqliteStore;
 use crate::verify::IssuedChallenge;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
+use proto::policy::{AppliedPolicy, Group, WhitelistSummary, WhitelistVersion};
 use proto::tpm::ClockInfo;
-use proto::wire::{HostTrust, PcrSelectionMap, PcrValues, Trust, Whitelist};
+use proto::wire::{HostTrust, PcrSelectionMap, PcrValues, Trust};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -43,7 +44,8 @@ pub struct HostRecord {
     pub registered_at: DateTime<Utc>,
     pub ak_public: Option<Vec<u8>>,
     pub ak_name: Option<String>,
-    pub whitelist: Option<Whitelist>,
+    /// The host group whose whitelists judge this host.
+    pub group: Option<String>,
     /// PCR values of the last evidence that passed the integrity steps.
     pub last_pcrs: Option<PcrValues>,
     pub verdict: Option<HostTrust>,
@@ -120,6 +122,57 @@ pub struct AttestationRecord<'a> {
     pub clock: Option<ClockInfo>,
     /// Events to store with the verdict (the attestation, maybe a reboot).
     pub events: &'a [NewEvent],
+}
+
+// ---- whitelist policy (issue 4): types ----
+
+/// A change to whitelists or groups, applied with its event and the
+/// re-judged verdicts in one transaction. Each carries the version the
+/// admin's edit started from; the store refuses the change if another
+/// admin got there first (optimistic concurrency).
+#[derive(Debug, Clone)]
+pub enum PolicyChange {
+    /// A new version (or the first) of a whitelist; `deleted` versions delete it.
+    PutWhitelist {
+        version: WhitelistVersion,
+        /// The head version the change was made from; `None`: no head exists.
+        expected_head: Option<u32>,
+    },
+    /// Create (`expected_version: None`) or update a group.
+    PutGroup {
+        group: Group,
+        expected_version: Option<u32>,
+    },
+    DeleteGroup {
+        name: String,
+    },
+    /// Move hosts into a group (from wherever they were), or out of it.
+    Members {
+        group: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+}
+
+/// A verdict judged again after a policy change; stored only if the host
+/// has not attested since (`verified_at` unchanged).
+#[derive(Debug, Clone)]
+pub struct Rejudged {
+    pub host: String,
+    pub verdict: HostTrust,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Applied,
+    /// Someone changed the whitelist or group first; `current` is its version now.
+    Conflict {
+        current: Option<u32>,
+    },
+    /// The whitelist is used by these groups, or the group has these hosts.
+    InUse {
+        by: Vec<String>,
+    },
 }
 
 // ---- audit trail (issue 5): types ----
@@ -226,15 +279,35 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Store an event that changes no other state.
     async fn record_event(&self, event: &NewEvent) -> Result<(), StoreError>;
-    /// Replace a host's whitelist and, when there is evidence to judge, its
-    /// verdict, with the change's event, in one transaction.
-    async fn set_whitelist(
+
+    // ---- whitelist policy (issue 4)
+    /// The newest version of the named whitelist (`version: None`) or the
+    /// given one; deleted whitelists are returned with `deleted` set.
+    async fn whitelist(
         &self,
-        host: &str,
-        whitelist: &Whitelist,
-        rejudged: Option<&HostTrust>,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<WhitelistVersion>, StoreError>;
+    /// Every version of a whitelist, oldest first.
+    async fn whitelist_history(&self, name: &str) -> Result<Vec<WhitelistVersion>, StoreError>;
+    /// The newest version of every whitelist, by name.
+    async fn whitelists(&self) -> Result<Vec<WhitelistSummary>, StoreError>;
+    /// A group with its member hosts.
+    async fn group(&self, name: &str) -> Result<Option<Group>, StoreError>;
+    /// Every group (members not filled in).
+    async fn groups(&self) -> Result<Vec<Group>, StoreError>;
+    /// The groups that use a whitelist.
+    async fn groups_using(&self, whitelist: &str) -> Result<Vec<String>, StoreError>;
+    /// What judges one host: its group and the newest version of every
+    /// whitelist that applies to it (the group's and the host's own).
+    async fn host_policy(&self, host: &str) -> Result<crate::verify::HostPolicy, StoreError>;
+    /// Apply a policy change with its event and re-judged verdicts in one transaction.
+    async fn apply_policy_change(
+        &self,
+        change: &PolicyChange,
+        rejudged: &[Rejudged],
         event: &NewEvent,
-    ) -> Result<(), StoreError>;
+    ) -> Result<ApplyOutcome, StoreError>;
     /// Stored verdicts of the named hosts (hosts without one are absent).
     async fn verdicts(&self, hosts: &[String]) -> Result<HashMap<String, HostTrust>, StoreError>;
     /// Events after `seq`, oldest first: `(seq, body)`.
@@ -363,6 +436,7 @@ pub(crate) fn verdict_from_parts(
     verified_at: i64,
     expires_at: i64,
     reasons: &str,
+    policy: Option<&str>,
 ) -> Result<HostTrust, StoreError> {
     Ok(HostTrust {
         host: host.to_string(),
@@ -374,6 +448,9 @@ pub(crate) fn verdict_from_parts(
         verified_at: Some(from_micros(verified_at)),
         expires_at: Some(from_micros(expires_at)),
         reasons: from_json(host, "verdict reasons", reasons)?,
+        policy: policy
+            .map(|p| from_json(host, "verdict policy", p))
+            .transpose()?,
     })
 }
 
@@ -385,6 +462,8 @@ struct VerdictJson {
     verified_at: i64,
     expires_at: i64,
     reasons: Vec<proto::wire::Reason>,
+    #[serde(default)]
+    policy: Option<AppliedPolicy>,
 }
 
 pub(crate) fn verdicts_from_json(json: &str) -> Result<Vec<HostTrust>, StoreError> {
@@ -400,10 +479,88 @@ pub(crate) fn verdicts_from_json(json: &str) -> Result<Vec<HostTrust>, StoreErro
                 verified_at: Some(from_micros(r.verified_at)),
                 expires_at: Some(from_micros(r.expires_at)),
                 reasons: r.reasons,
+                policy: r.policy,
                 host: r.host,
             })
         })
         .collect()
+}
+
+/// The whitelist that holds a host's own values (`PUT /v1/hosts/{host}/whitelist`).
+pub fn own_whitelist(host: &str) -> String {
+    format!("host:{host}")
+}
+
+/// The stored body of a whitelist version (everything but the row's columns).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WhitelistBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    #[serde(default)]
+    parts: proto::policy::Parts,
+}
+
+pub(crate) fn whitelist_body(v: &WhitelistVersion) -> String {
+    to_json(&WhitelistBody {
+        description: v.description.clone(),
+        parts: v.parts.clone(),
+    })
+}
+
+pub(crate) fn whitelist_from_parts(
+    name: String,
+    version: i64,
+    body: &str,
+    deleted: bool,
+    created_at: i64,
+    created_by: String,
+) -> Result<WhitelistVersion, StoreError> {
+    let b: WhitelistBody = from_json(&name, "whitelist", body)?;
+    Ok(WhitelistVersion {
+        version: u32::try_from(version).unwrap_or_default(),
+        description: b.description,
+        parts: b.parts,
+        deleted,
+        created_at: from_micros(created_at),
+        created_by,
+        name,
+    })
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GroupBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    #[serde(default)]
+    whitelists: Vec<String>,
+    #[serde(default)]
+    match_policy: std::collections::BTreeMap<String, proto::policy::MatchPolicy>,
+}
+
+pub(crate) fn group_body(g: &Group) -> String {
+    to_json(&GroupBody {
+        description: g.description.clone(),
+        whitelists: g.whitelists.clone(),
+        match_policy: g.match_policy.clone(),
+    })
+}
+
+pub(crate) fn group_from_parts(
+    name: String,
+    version: i64,
+    body: &str,
+    updated_at: i64,
+) -> Result<Group, StoreError> {
+    let b: GroupBody = from_json(&name, "group", body)?;
+    Ok(Group {
+        version: u32::try_from(version).unwrap_or_default(),
+        description: b.description,
+        whitelists: b.whitelists,
+        match_policy: b.match_policy,
+        updated_at: from_micros(updated_at),
+        hosts: Vec::new(),
+        name,
+    })
 }
 
 /// The SQL shared by both backends, instantiated once per pool type.
@@ -423,16 +580,15 @@ macro_rules! sql_store {
             async fn host(&self, host: &str) -> Result<Option<$crate::store::HostRecord>, $crate::store::StoreError> {
                 use sqlx::Row;
                 let row = sqlx::query(
-                    "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.whitelist, h.last_pcrs, \
+                    "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.group_name, h.last_pcrs, \
                      h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
-                     v.trust, v.verified_at, v.expires_at, v.reasons \
+                     v.trust, v.verified_at, v.expires_at, v.reasons, v.policy \
                      FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1",
                 )
                 .bind(host)
                 .fetch_optional(&self.pool)
                 .await?;
                 let Some(row) = row else { return Ok(None) };
-                let whitelist: Option<String> = row.try_get("whitelist")?;
                 let last_pcrs: Option<String> = row.try_get("last_pcrs")?;
                 let trust: Option<String> = row.try_get("trust")?;
                 let verdict = match trust {
@@ -442,6 +598,7 @@ macro_rules! sql_store {
                         row.try_get("verified_at")?,
                         row.try_get("expires_at")?,
                         &row.try_get::<String, _>("reasons")?,
+                        row.try_get::<Option<String>, _>("policy")?.as_deref(),
                     )?),
                     None => None,
                 };
@@ -450,7 +607,7 @@ macro_rules! sql_store {
                     registered_at: $crate::store::from_micros(row.try_get("registered_at")?),
                     ak_public: row.try_get("ak_public")?,
                     ak_name: row.try_get("ak_name")?,
-                    whitelist: whitelist.map(|w| $crate::store::from_json(host, "whitelist", &w)).transpose()?,
+                    group: row.try_get("group_name")?,
                     last_pcrs: last_pcrs.map(|p| $crate::store::from_json(host, "PCR values", &p)).transpose()?,
                     verdict,
                     ek_name: row.try_get("ek_name")?,
@@ -694,25 +851,279 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn set_whitelist(
-                &self,
-                host: &str,
-                whitelist: &$crate::store::Whitelist,
-                rejudged: Option<&$crate::store::HostTrust>,
-                event: &$crate::store::NewEvent,
-            ) -> Result<(), $crate::store::StoreError> {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query("UPDATE hosts SET whitelist = $1 WHERE name = $2")
-                    .bind($crate::store::to_json(whitelist))
-                    .bind(host)
-                    .execute(&mut *tx)
+            // ---- whitelist policy (issue 4)
+            async fn whitelist(&self, name: &str, version: Option<u32>) -> Result<Option<proto::policy::WhitelistVersion>, $crate::store::StoreError> {
+                let row = match version {
+                    None => sqlx::query("SELECT name, version, body, deleted, created_at, created_by FROM whitelist_heads WHERE name = $1")
+                        .bind(name)
+                        .fetch_optional(&self.pool)
+                        .await?,
+                    Some(v) => sqlx::query("SELECT name, version, body, deleted, created_at, created_by FROM whitelist_versions WHERE name = $1 AND version = $2")
+                        .bind(name)
+                        .bind(i64::from(v))
+                        .fetch_optional(&self.pool)
+                        .await?,
+                };
+                row.as_ref().map(whitelist_row).transpose()
+            }
+
+            async fn whitelist_history(&self, name: &str) -> Result<Vec<proto::policy::WhitelistVersion>, $crate::store::StoreError> {
+                let rows = sqlx::query("SELECT name, version, body, deleted, created_at, created_by FROM whitelist_versions WHERE name = $1 ORDER BY version")
+                    .bind(name)
+                    .fetch_all(&self.pool)
                     .await?;
-                if let Some(v) = rejudged {
-                    upsert_verdict(&mut tx, host, v).await?;
+                rows.iter().map(whitelist_row).collect()
+            }
+
+            async fn whitelists(&self) -> Result<Vec<proto::policy::WhitelistSummary>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT name, version, body, deleted, created_at, created_by FROM whitelist_heads ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?;
+                let users = sqlx::query("SELECT whitelist, group_name FROM group_whitelists ORDER BY group_name")
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut by_whitelist: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+                for u in &users {
+                    by_whitelist.entry(u.try_get("whitelist")?).or_default().push(u.try_get("group_name")?);
+                }
+                rows.iter()
+                    .map(|r| {
+                        let w = whitelist_row(r)?;
+                        Ok(proto::policy::WhitelistSummary {
+                            groups: by_whitelist.remove(&w.name).unwrap_or_default(),
+                            parts: w.parts.keys().cloned().collect(),
+                            name: w.name,
+                            version: w.version,
+                            deleted: w.deleted,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn group(&self, name: &str) -> Result<Option<proto::policy::Group>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let row = sqlx::query("SELECT name, version, body, updated_at FROM host_groups WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                let Some(row) = row else { return Ok(None) };
+                let mut g = group_row(&row)?;
+                let hosts = sqlx::query("SELECT name FROM hosts WHERE group_name = $1 ORDER BY name")
+                    .bind(name)
+                    .fetch_all(&self.pool)
+                    .await?;
+                g.hosts = hosts.iter().map(|h| h.try_get("name")).collect::<Result<_, _>>()?;
+                Ok(Some(g))
+            }
+
+            async fn groups(&self) -> Result<Vec<proto::policy::Group>, $crate::store::StoreError> {
+                let rows = sqlx::query("SELECT name, version, body, updated_at FROM host_groups ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(group_row).collect()
+            }
+
+            async fn groups_using(&self, whitelist: &str) -> Result<Vec<String>, $crate::store::StoreError> {
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT group_name FROM group_whitelists WHERE whitelist = $1 ORDER BY group_name")
+                    .bind(whitelist)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.iter().map(|r| r.try_get("group_name")).collect::<Result<_, _>>()?)
+            }
+
+            async fn host_policy(&self, host: &str) -> Result<$crate::verify::HostPolicy, $crate::store::StoreError> {
+                let group = sqlx::query(
+                    "SELECT g.name, g.version, g.body, g.updated_at FROM hosts h JOIN host_groups g ON g.name = h.group_name WHERE h.name = $1",
+                )
+                .bind(host)
+                .fetch_optional(&self.pool)
+                .await?;
+                let rows = sqlx::query(
+                    "SELECT name, version, body, deleted, created_at, created_by FROM whitelist_heads WHERE NOT deleted AND \
+                     (name = $1 OR name IN (SELECT gw.whitelist FROM group_whitelists gw JOIN hosts h ON gw.group_name = h.group_name WHERE h.name = $2)) \
+                     ORDER BY name",
+                )
+                .bind($crate::store::own_whitelist(host))
+                .bind(host)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok($crate::verify::HostPolicy {
+                    group: group.as_ref().map(group_row).transpose()?,
+                    whitelists: rows.iter().map(whitelist_row).collect::<Result<_, _>>()?,
+                })
+            }
+
+            async fn apply_policy_change(
+                &self,
+                change: &$crate::store::PolicyChange,
+                rejudged: &[$crate::store::Rejudged],
+                event: &$crate::store::NewEvent,
+            ) -> Result<$crate::store::ApplyOutcome, $crate::store::StoreError> {
+                use $crate::store::{ApplyOutcome, PolicyChange};
+                use sqlx::Row;
+                // Returning early drops the transaction: nothing is stored.
+                let mut tx = self.pool.begin().await?;
+                match change {
+                    PolicyChange::PutWhitelist { version: v, expected_head } => {
+                        if v.deleted {
+                            let users = sqlx::query("SELECT group_name FROM group_whitelists WHERE whitelist = $1 ORDER BY group_name")
+                                .bind(&v.name)
+                                .fetch_all(&mut *tx)
+                                .await?;
+                            if !users.is_empty() {
+                                return Ok(ApplyOutcome::InUse {
+                                    by: users.iter().map(|u| u.try_get("group_name")).collect::<Result<_, _>>()?,
+                                });
+                            }
+                        }
+                        let body = $crate::store::whitelist_body(v);
+                        let done = match expected_head {
+                            None => sqlx::query(
+                                "INSERT INTO whitelist_heads (name, version, body, deleted, created_at, created_by) \
+                                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+                            )
+                            .bind(&v.name)
+                            .bind(i64::from(v.version))
+                            .bind(&body)
+                            .bind(v.deleted)
+                            .bind($crate::store::micros(v.created_at))
+                            .bind(&v.created_by)
+                            .execute(&mut *tx)
+                            .await?,
+                            Some(head) => sqlx::query(
+                                "UPDATE whitelist_heads SET version = $2, body = $3, deleted = $4, created_at = $5, created_by = $6 \
+                                 WHERE name = $1 AND version = $7",
+                            )
+                            .bind(&v.name)
+                            .bind(i64::from(v.version))
+                            .bind(&body)
+                            .bind(v.deleted)
+                            .bind($crate::store::micros(v.created_at))
+                            .bind(&v.created_by)
+                            .bind(i64::from(*head))
+                            .execute(&mut *tx)
+                            .await?,
+                        };
+                        if done.rows_affected() != 1 {
+                            let current = sqlx::query("SELECT version FROM whitelist_heads WHERE name = $1")
+                                .bind(&v.name)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                            return Ok(ApplyOutcome::Conflict {
+                                current: current.map(|r| r.try_get::<i64, _>("version")).transpose()?.map(|v| v as u32),
+                            });
+                        }
+                        sqlx::query(
+                            "INSERT INTO whitelist_versions (name, version, body, deleted, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6)",
+                        )
+                        .bind(&v.name)
+                        .bind(i64::from(v.version))
+                        .bind(&body)
+                        .bind(v.deleted)
+                        .bind($crate::store::micros(v.created_at))
+                        .bind(&v.created_by)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    PolicyChange::PutGroup { group: g, expected_version } => {
+                        let body = $crate::store::group_body(g);
+                        let done = match expected_version {
+                            None => sqlx::query(
+                                "INSERT INTO host_groups (name, version, body, updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING",
+                            )
+                            .bind(&g.name)
+                            .bind(i64::from(g.version))
+                            .bind(&body)
+                            .bind($crate::store::micros(g.updated_at))
+                            .execute(&mut *tx)
+                            .await?,
+                            Some(base) => sqlx::query(
+                                "UPDATE host_groups SET version = $2, body = $3, updated_at = $4 WHERE name = $1 AND version = $5",
+                            )
+                            .bind(&g.name)
+                            .bind(i64::from(g.version))
+                            .bind(&body)
+                            .bind($crate::store::micros(g.updated_at))
+                            .bind(i64::from(*base))
+                            .execute(&mut *tx)
+                            .await?,
+                        };
+                        if done.rows_affected() != 1 {
+                            let current = sqlx::query("SELECT version FROM host_groups WHERE name = $1")
+                                .bind(&g.name)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                            return Ok(ApplyOutcome::Conflict {
+                                current: current.map(|r| r.try_get::<i64, _>("version")).transpose()?.map(|v| v as u32),
+                            });
+                        }
+                        sqlx::query("DELETE FROM group_whitelists WHERE group_name = $1")
+                            .bind(&g.name)
+                            .execute(&mut *tx)
+                            .await?;
+                        for w in &g.whitelists {
+                            sqlx::query("INSERT INTO group_whitelists (group_name, whitelist) VALUES ($1, $2)")
+                                .bind(&g.name)
+                                .bind(w)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
+                    PolicyChange::DeleteGroup { name } => {
+                        let members = sqlx::query("SELECT name FROM hosts WHERE group_name = $1 ORDER BY name LIMIT 20")
+                            .bind(name)
+                            .fetch_all(&mut *tx)
+                            .await?;
+                        if !members.is_empty() {
+                            return Ok(ApplyOutcome::InUse {
+                                by: members.iter().map(|m| m.try_get("name")).collect::<Result<_, _>>()?,
+                            });
+                        }
+                        sqlx::query("DELETE FROM group_whitelists WHERE group_name = $1")
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await?;
+                        let done = sqlx::query("DELETE FROM host_groups WHERE name = $1")
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await?;
+                        if done.rows_affected() != 1 {
+                            return Ok(ApplyOutcome::Conflict { current: None });
+                        }
+                    }
+                    PolicyChange::Members { group, add, remove } => {
+                        for h in add {
+                            sqlx::query("UPDATE hosts SET group_name = $1 WHERE name = $2")
+                                .bind(group)
+                                .bind(h)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        for h in remove {
+                            sqlx::query("UPDATE hosts SET group_name = NULL WHERE name = $1 AND group_name = $2")
+                                .bind(h)
+                                .bind(group)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
+                }
+                for r in rejudged {
+                    // Only if the host has not attested since it was judged again.
+                    sqlx::query("UPDATE verdicts SET trust = $1, reasons = $2, policy = $3 WHERE host = $4 AND verified_at = $5")
+                        .bind(r.verdict.trust.as_str())
+                        .bind($crate::store::to_json(&r.verdict.reasons))
+                        .bind(r.verdict.policy.as_ref().map($crate::store::to_json))
+                        .bind(&r.host)
+                        .bind($crate::store::micros(r.verdict.verified_at.unwrap_or_default()))
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 insert_event(&mut tx, event).await?;
                 tx.commit().await?;
-                Ok(())
+                Ok(ApplyOutcome::Applied)
             }
 
             async fn verdicts(&self, hosts: &[String]) -> Result<std::collections::HashMap<String, $crate::store::HostTrust>, $crate::store::StoreError> {
@@ -920,7 +1331,7 @@ macro_rules! sql_store {
             }
 
             async fn all_verdicts(&self) -> Result<Vec<$crate::store::HostTrust>, $crate::store::StoreError> {
-                let rows = sqlx::query("SELECT host, trust, verified_at, expires_at, reasons FROM verdicts ORDER BY host")
+                let rows = sqlx::query("SELECT host, trust, verified_at, expires_at, reasons, policy FROM verdicts ORDER BY host")
                     .fetch_all(&self.pool)
                     .await?;
                 rows.iter().map(verdict_row).collect()
@@ -998,7 +1409,7 @@ macro_rules! sql_store {
                 until: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<$crate::store::HostTrust>, $crate::store::StoreError> {
                 let rows = sqlx::query(
-                    "SELECT host, trust, verified_at, expires_at, reasons FROM verdicts \
+                    "SELECT host, trust, verified_at, expires_at, reasons, policy FROM verdicts \
                      WHERE expires_at > $1 AND expires_at <= $2 ORDER BY expires_at",
                 )
                 .bind($crate::store::micros(after))
@@ -1111,6 +1522,28 @@ macro_rules! sql_store {
             Ok(())
         }
 
+        fn whitelist_row(r: &<$db as sqlx::Database>::Row) -> Result<proto::policy::WhitelistVersion, $crate::store::StoreError> {
+            use sqlx::Row;
+            $crate::store::whitelist_from_parts(
+                r.try_get("name")?,
+                r.try_get("version")?,
+                &r.try_get::<String, _>("body")?,
+                r.try_get("deleted")?,
+                r.try_get("created_at")?,
+                r.try_get("created_by")?,
+            )
+        }
+
+        fn group_row(r: &<$db as sqlx::Database>::Row) -> Result<proto::policy::Group, $crate::store::StoreError> {
+            use sqlx::Row;
+            $crate::store::group_from_parts(
+                r.try_get("name")?,
+                r.try_get("version")?,
+                &r.try_get::<String, _>("body")?,
+                r.try_get("updated_at")?,
+            )
+        }
+
         /// A `verdicts` row (host, trust, verified_at, expires_at, reasons).
         fn verdict_row(row: &<$db as sqlx::Database>::Row) -> Result<$crate::store::HostTrust, $crate::store::StoreError> {
             use sqlx::Row;
@@ -1121,20 +1554,22 @@ macro_rules! sql_store {
                 row.try_get("verified_at")?,
                 row.try_get("expires_at")?,
                 &row.try_get::<String, _>("reasons")?,
+                row.try_get::<Option<String>, _>("policy")?.as_deref(),
             )
         }
 
         async fn upsert_verdict(tx: &mut sqlx::Transaction<'_, $db>, host: &str, v: &$crate::store::HostTrust) -> Result<(), sqlx::Error> {
             sqlx::query(
-                "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons) VALUES ($1, $2, $3, $4, $5) \
+                "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
-                 expires_at = excluded.expires_at, reasons = excluded.reasons",
+                 expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy",
             )
             .bind(host)
             .bind(v.trust.as_str())
             .bind($crate::store::micros(v.verified_at.unwrap_or_default()))
             .bind($crate::store::micros(v.expires_at.unwrap_or_default()))
             .bind($crate::store::to_json(&v.reasons))
+            .bind(v.policy.as_ref().map($crate::store::to_json))
             .execute(&mut **tx)
             .await?;
             Ok(())

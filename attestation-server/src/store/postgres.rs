@@ -27,5 +27,5 @@ sql_store!(
     PgStore,
     Postgres,
     "SELECT COALESCE(json_agg(json_build_object('host', host, 'trust', trust, 'verified_at', verified_at, \
-     'expires_at', expires_at, 'reasons', reasons::json)), '[]'::json)::text FROM verdicts WHERE host IN ("
+     'expires_at', expires_at, 'reasons', reasons::json, 'policy', policy::json)), '[]'::json)::text FROM verdicts WHERE host IN ("
 );

@@ -34,5 +34,5 @@ sql_store!(
     SqliteStore,
     Sqlite,
     "SELECT json_group_array(json_object('host', host, 'trust', trust, 'verified_at', verified_at, \
-     'expires_at', expires_at, 'reasons', json(reasons))) FROM verdicts WHERE host IN ("
+     'expires_at', expires_at, 'reasons', json(reasons), 'policy', json(policy))) FROM verdicts WHERE host IN ("
 );

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Load benchmark (docs/benchmarks.md, "Load: fleet simulator"): the
+# attestation server and `attestctl simulate` on the same machine, on SQLite
+# and on PostgreSQL. For each backend: a fresh pool and database, enroll the
+# fleet once, measure sustained attestations (mTLS, durable verdicts, CADF
+# events) with server RSS sampled from /proc, then the same with garbage
+# hosts flooding the server. Prints one JSON object per phase.
+#
+#   HOSTS=10000 INTERVAL=30 DURATION=60 bash bench/load.sh
+#
+# Needs `cargo build --release -p attestation-server` first; PostgreSQL on
+# 127.0.0.1:5432 (user postgres, trust auth) for the postgres backend.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${BIN:-$ROOT/target/release}
+HOSTS=${HOSTS:-10000}
+INTERVAL=${INTERVAL:-30}
+DURATION=${DURATION:-60}
+CONCURRENCY=${CONCURRENCY:-64}
+BACKENDS=${BACKENDS:-sqlite postgres}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+# Garbage hosts (added to the fleet) sending malformed evidence back to back.
+GARBAGE_HOSTS=${GARBAGE_HOSTS:-32}
+# Share of hosts whose PCR 7 is not whitelisted (untrusted verdicts).
+TAMPERED=${TAMPERED:-0}
+PORT=${PORT:-18943}
+export RUST_LOG=${RUST_LOG:-warn}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/attest-load.XXXXXX")
+SERVER_PID=""
+SAMPLER_PID=""
+DB=""
+
+cleanup() {
+    [ -n "$SAMPLER_PID" ] && kill "$SAMPLER_PID" 2>/dev/null || true
+    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    [ -n "$DB" ] && psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# Sample the server's RSS every second into $1 (max is what we report).
+sample_rss() {
+    while kill -0 "$SERVER_PID" 2>/dev/null; do rss_kb "$SERVER_PID" >> "$1"; sleep 1; done
+}
+max_of() { sort -n "$1" | tail -1; }
+
+emit() { # phase backend json-from-simulate extra-json
+    python3 -c 'import json,sys; d=json.loads(sys.argv[3]); d.update(json.loads(sys.argv[4])); d["phase"]=sys.argv[1]; d["backend"]=sys.argv[2]; print(json.dumps(d))' "$@"
+}
+
+for backend in $BACKENDS; do
+    dir=$WORK/$backend
+    "$BIN/attestctl" init --out "$dir" --server-port "$PORT" --host placeholder \
+        --interval "$INTERVAL" > /dev/null
+    # Every key of the fleet comes from DIR/sim; its EK CA must be trusted.
+    ek_ca=$("$BIN/attestctl" simulate --dir "$dir" --hosts "$((HOSTS + GARBAGE_HOSTS))" --prepare-only \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["ek_ca"])')
+    sed -i "s|^ek_ca = \[\]|ek_ca = [\"$ek_ca\"]|" "$dir/server.toml"
+    if [ "$backend" = postgres ]; then
+        DB=attest_load_$$
+        psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null
+        psql -q "$PG/postgres" -c "CREATE DATABASE $DB" >/dev/null
+        sed -i "s|^database_url = .*|database_url = \"$PG/$DB\"|" "$dir/server.toml"
+    fi
+    (cd "$dir" && exec "$BIN/attestation-server" --config server.toml) > "$dir/server.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 1 100); do
+        curl -ksf "https://127.0.0.1:$PORT/healthz" > /dev/null 2>&1 && break
+        sleep 0.1
+    done
+    rss_start=$(rss_kb "$SERVER_PID")
+
+    sim() { "$BIN/attestctl" simulate --dir "$dir" --concurrency "$CONCURRENCY" --interval "$INTERVAL" "$@"; }
+
+    # 1. Enroll the fleet once (EK certificate, credential activation,
+    #    whitelist, one attestation each).
+    out=$(sim --hosts "$((HOSTS + GARBAGE_HOSTS))" --enroll-only)
+    emit enroll "$backend" "$out" "{\"server_rss_kb\": $(rss_kb "$SERVER_PID"), \"server_rss_start_kb\": $rss_start}"
+
+    # 2. Sustained attestation: every host every INTERVAL s for DURATION s.
+    : > "$dir/rss"; sample_rss "$dir/rss" & SAMPLER_PID=$!
+    out=$(sim --hosts "$HOSTS" --duration "$DURATION" --tampered "$TAMPERED")
+    kill "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
+    emit sustained "$backend" "$out" "{\"server_rss_max_kb\": $(max_of "$dir/rss"), \"server_hwm_kb\": $(hwm_kb "$SERVER_PID"), \"registered_hosts\": $((HOSTS + GARBAGE_HOSTS))}"
+
+    # 3. The same honest fleet plus GARBAGE_HOSTS hosts sending malformed
+    #    evidence back to back (all enrolled in step 1; HOSTS hosts stay honest).
+    if [ "$GARBAGE_HOSTS" -gt 0 ]; then
+        total=$((HOSTS + GARBAGE_HOSTS))
+        share=$(python3 -c "print($GARBAGE_HOSTS / $total)")
+        out=$(sim --hosts "$total" --duration "$DURATION" --garbage "$share" --garbage-interval 0)
+        emit garbage_flood "$backend" "$out" "{\"server_rss_kb\": $(rss_kb "$SERVER_PID")}"
+    fi
+
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+    if [ "$backend" = postgres ]; then
+        psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null; DB=""
+    fi
+    rm -rf "$dir"
+done

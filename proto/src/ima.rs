@@ -1,0 +1,1662 @@
+//! Linux IMA runtime measurement lists: the ascii and the binary format with
+//! the `ima`, `ima-ng`, `ima-sig` and `ima-buf` templates, template hashes,
+//! the PCR 10 replay per bank, and incremental verification against a
+//! [`RuntimePolicy`].
+//!
+//! Formats (Linux `Documentation/security/IMA-templates.rst`, `ima_fs.c`):
+//! - ascii: `PCR TEMPLATE-HASH TEMPLATE-NAME FIELD...`, one entry per line,
+//!   fields separated by one space (an empty last field leaves a trailing
+//!   space).
+//! - binary: per entry, little-endian `u32` PCR, 20-byte SHA-1 template hash,
+//!   `u32` name length + name, then (except for `ima`) `u32` data length +
+//!   template data, whose fields are each `u32` length + bytes.
+//!
+//! A violation (an open-for-write during a measured read) is logged with an
+//! all-zero template hash but extends the PCR with all ones.
+
+use crate::runtime_policy::{PolicyError, RuntimePolicy};
+use crate::HashAlg;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// Longest ascii line accepted (an `ima-buf` key in hex fits comfortably).
+pub const MAX_ASCII_LINE: usize = 8 * 1024;
+/// Longest template name in the binary list (the kernel allows 15).
+const MAX_TEMPLATE_NAME: usize = 255;
+/// The `ima` template hashes its file name padded to this many bytes.
+const IMA_NAME_HASH_LEN: usize = 256;
+/// Failures kept in an outcome; the count goes on beyond it.
+pub const MAX_REPORTED_FAILURES: usize = 100;
+/// Allowed digests shown in a failure; a policy is never echoed whole.
+const MAX_EXPECTED_SHOWN: usize = 4;
+
+/// Parsing failure, with the ascii line (1-based) or the binary byte offset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImaError {
+    #[error("line {line}: {len} bytes, longer than the {max}-byte limit")]
+    LineTooLong { line: usize, len: usize, max: usize },
+    #[error("line {line}: {field}: {detail}")]
+    Malformed {
+        line: usize,
+        field: &'static str,
+        detail: String,
+    },
+    #[error("line {line}: not UTF-8")]
+    NotUtf8 { line: usize },
+    #[error("entry {entry} (line/offset {line}): unsupported template {name:?}")]
+    UnsupportedTemplate {
+        entry: usize,
+        line: usize,
+        name: String,
+    },
+    #[error("entry {entry} (line/offset {line}): unsupported digest algorithm {name:?}")]
+    UnsupportedAlgorithm {
+        entry: usize,
+        line: usize,
+        name: String,
+    },
+    #[error("binary entry {entry}: {structure} truncated at byte {offset} (needed {needed} more)")]
+    Truncated {
+        entry: usize,
+        structure: &'static str,
+        offset: usize,
+        needed: usize,
+    },
+    #[error("binary entry {entry} at byte {offset}: {field}: {detail}")]
+    BinaryMalformed {
+        entry: usize,
+        offset: usize,
+        field: &'static str,
+        detail: String,
+    },
+    #[error("the list has {len} entries, fewer than the {verified} already verified")]
+    ListShrank { len: usize, verified: u64 },
+}
+
+impl ImaError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::LineTooLong { .. } => "ima_line_too_long",
+            Self::Malformed { .. } => "ima_malformed_line",
+            Self::NotUtf8 { .. } => "ima_not_utf8",
+            Self::UnsupportedTemplate { .. } => "ima_unsupported_template",
+            Self::UnsupportedAlgorithm { .. } => "ima_unsupported_algorithm",
+            Self::Truncated { .. } => "ima_truncated",
+            Self::BinaryMalformed { .. } => "ima_malformed_entry",
+            Self::ListShrank { .. } => "ima_list_shrank",
+        }
+    }
+}
+
+/// The templates understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Template {
+    /// `d|n`: SHA-1 digest, name (legacy).
+    Ima,
+    /// `d-ng|n-ng`.
+    ImaNg,
+    /// `d-ng|n-ng|sig`.
+    ImaSig,
+    /// `d-ng|n-ng|buf`.
+    ImaBuf,
+}
+
+impl Template {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ima => "ima",
+            Self::ImaNg => "ima-ng",
+            Self::ImaSig => "ima-sig",
+            Self::ImaBuf => "ima-buf",
+        }
+    }
+    fn parse(name: &[u8]) -> Option<Self> {
+        match name {
+            b"ima" => Some(Self::Ima),
+            b"ima-ng" => Some(Self::ImaNg),
+            b"ima-sig" => Some(Self::ImaSig),
+            b"ima-buf" => Some(Self::ImaBuf),
+            _ => None,
+        }
+    }
+    fn field_count(self) -> usize {
+        match self {
+            Self::Ima | Self::ImaNg => 2,
+            Self::ImaSig | Self::ImaBuf => 3,
+        }
+    }
+}
+
+/// A digest of at most 64 bytes, kept inline (no allocation per entry).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DigestBytes {
+    len: u8,
+    buf: [u8; 64],
+}
+
+impl DigestBytes {
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        let len = u8::try_from(b.len()).ok().filter(|l| *l <= 64)?;
+        let mut buf = [0u8; 64];
+        buf.get_mut(..b.len())?.copy_from_slice(b);
+        Some(Self { len, buf })
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len).min(64)]
+    }
+    fn filled(len: usize, byte: u8) -> Self {
+        let len = len.min(64);
+        let mut buf = [0u8; 64];
+        buf[..len].fill(byte);
+        Self {
+            len: len as u8,
+            buf,
+        }
+    }
+}
+
+impl std::fmt::Debug for DigestBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.as_slice()))
+    }
+}
+
+/// One measurement. The template data is kept in its binary (canonical)
+/// form; the fields are ranges into it, so an entry costs one allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImaEntry {
+    /// 1-based ascii line, or the byte offset of the entry in a binary list.
+    pub line: usize,
+    pub pcr: u32,
+    /// The template hash as logged (SHA-1 in both formats of today's kernels).
+    pub template_hash: DigestBytes,
+    pub template: Template,
+    /// Algorithm of the file digest.
+    pub digest_alg: HashAlg,
+    data: Vec<u8>,
+    digest: Range<usize>,
+    name: Range<usize>,
+    extra: Range<usize>,
+}
+
+impl ImaEntry {
+    /// The file (or buffer) digest.
+    pub fn digest(&self) -> &[u8] {
+        self.data.get(self.digest.clone()).unwrap_or_default()
+    }
+    /// The path (or buffer name), without the kernel's trailing NUL.
+    pub fn name(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(self.data.get(self.name.clone()).unwrap_or_default())
+    }
+    /// The name's bytes (policy lookups need no UTF-8 check).
+    pub fn name_bytes(&self) -> &[u8] {
+        self.data.get(self.name.clone()).unwrap_or_default()
+    }
+    /// `ima-sig`: the signature (maybe empty); `ima-buf`: the buffer.
+    pub fn extra(&self) -> &[u8] {
+        self.data.get(self.extra.clone()).unwrap_or_default()
+    }
+    /// The template data as the binary list carries it.
+    pub fn template_data(&self) -> &[u8] {
+        &self.data
+    }
+    /// A violation: logged template hash all zeros.
+    pub fn is_violation(&self) -> bool {
+        self.template_hash.as_slice().iter().all(|b| *b == 0)
+    }
+
+    /// The template hash with `alg`, as the kernel extends that bank with it.
+    pub fn template_hash_for(&self, alg: HashAlg) -> DigestBytes {
+        if self.is_violation() {
+            return DigestBytes::filled(alg.digest_len(), 0xff);
+        }
+        self.compute_template_hash(alg)
+    }
+
+    /// The hash of the template data, ignoring violations.
+    fn compute_template_hash(&self, alg: HashAlg) -> DigestBytes {
+        match self.template {
+            Template::Ima => {
+                // `ima`: digest || name zero-padded to 256 bytes, no lengths.
+                let mut input = [0u8; 20 + IMA_NAME_HASH_LEN];
+                let d = self.digest();
+                let n = self.data.get(self.name.clone()).unwrap_or_default();
+                if let Some(dst) = input.get_mut(..d.len().min(20)) {
+                    dst.copy_from_slice(d.get(..dst.len()).unwrap_or_default());
+                }
+                let nl = n.len().min(IMA_NAME_HASH_LEN);
+                if let (Some(dst), Some(src)) = (input.get_mut(20..20 + nl), n.get(..nl)) {
+                    dst.copy_from_slice(src);
+                }
+                digest(alg, &[&input])
+            }
+            _ => digest(alg, &[&self.data]),
+        }
+    }
+}
+
+/// Hash `parts` into an inline digest. The RustCrypto crates are used:
+/// on the bench machine (SHA extensions) they beat ring by 1.5x (SHA-256)
+/// and 4x (SHA-1, which ring runs without them) on IMA-sized inputs; see
+/// the `hash/*` groups of proto/benches/ima.rs.
+pub fn digest(alg: HashAlg, parts: &[&[u8]]) -> DigestBytes {
+    fn run<D: sha2::Digest>(parts: &[&[u8]]) -> DigestBytes {
+        let mut h = D::new();
+        for p in parts {
+            h.update(p);
+        }
+        let out = h.finalize();
+        DigestBytes::from_slice(&out).unwrap_or(DigestBytes {
+            len: 0,
+            buf: [0; 64],
+        })
+    }
+    match alg {
+        HashAlg::Sha1 => run::<sha1::Sha1>(parts),
+        HashAlg::Sha256 => run::<sha2::Sha256>(parts),
+        HashAlg::Sha384 => run::<sha2::Sha384>(parts),
+        HashAlg::Sha512 => run::<sha2::Sha512>(parts),
+    }
+}
+
+/// Extend `pcr` (of `alg`) with `value`.
+fn extend(alg: HashAlg, pcr: &DigestBytes, value: &DigestBytes) -> DigestBytes {
+    digest(alg, &[pcr.as_slice(), value.as_slice()])
+}
+
+fn alg_by_name(name: &[u8]) -> Option<HashAlg> {
+    match name {
+        b"sha1" => Some(HashAlg::Sha1),
+        b"sha256" => Some(HashAlg::Sha256),
+        b"sha384" => Some(HashAlg::Sha384),
+        b"sha512" => Some(HashAlg::Sha512),
+        _ => None,
+    }
+}
+
+fn alg_by_len(len: usize) -> Option<HashAlg> {
+    match len {
+        20 => Some(HashAlg::Sha1),
+        32 => Some(HashAlg::Sha256),
+        48 => Some(HashAlg::Sha384),
+        64 => Some(HashAlg::Sha512),
+        _ => None,
+    }
+}
+
+fn push_field(data: &mut Vec<u8>, field: &[u8]) -> Result<(), ()> {
+    let len = u32::try_from(field.len()).map_err(|_| ())?;
+    data.extend_from_slice(&len.to_le_bytes());
+    data.extend_from_slice(field);
+    Ok(())
+}
+
+/// Build an entry's template data from its parsed fields.
+/// The parsed fields of an entry.
+struct Fields<'a> {
+    template: Template,
+    digest_alg: HashAlg,
+    digest: &'a [u8],
+    name: &'a [u8],
+    extra: &'a [u8],
+}
+
+fn build_entry(
+    line: usize,
+    pcr: u32,
+    template_hash: DigestBytes,
+    f: Fields<'_>,
+) -> Result<ImaEntry, ()> {
+    let Fields {
+        template,
+        digest_alg,
+        digest,
+        name,
+        extra,
+    } = f;
+    let mut data = Vec::with_capacity(digest.len() + name.len() + extra.len() + 32);
+    let (d, n, x);
+    if template == Template::Ima {
+        data.extend_from_slice(digest);
+        d = 0..digest.len();
+        push_field(&mut data, name)?;
+        n = data.len() - name.len()..data.len();
+        x = data.len()..data.len();
+    } else {
+        // d-ng: "<alg>:\0<digest>"; n-ng: name with its NUL.
+        let alg = digest_alg.name().as_bytes();
+        let flen = u32::try_from(alg.len() + 2 + digest.len()).map_err(|_| ())?;
+        data.extend_from_slice(&flen.to_le_bytes());
+        data.extend_from_slice(alg);
+        data.extend_from_slice(b":\0");
+        data.extend_from_slice(digest);
+        d = data.len() - digest.len()..data.len();
+        let nlen = u32::try_from(name.len() + 1).map_err(|_| ())?;
+        data.extend_from_slice(&nlen.to_le_bytes());
+        let start = data.len();
+        data.extend_from_slice(name);
+        n = start..data.len();
+        data.push(0);
+        if template.field_count() == 3 {
+            push_field(&mut data, extra)?;
+            x = data.len() - extra.len()..data.len();
+        } else {
+            x = data.len()..data.len();
+        }
+    }
+    Ok(ImaEntry {
+        line,
+        pcr,
+        template_hash,
+        template,
+        digest_alg,
+        data,
+        digest: d,
+        name: n,
+        extra: x,
+    })
+}
+
+/// Hex digit values; 0xff marks a non-digit.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Decode hex into an inline digest. A table lookup per digit: the hex
+/// crate's decoder was a tenth of the parse time.
+fn hex_digest(s: &[u8]) -> Option<DigestBytes> {
+    if s.len() & 1 == 1 || s.len() > 128 || s.is_empty() {
+        return None;
+    }
+    let mut buf = [0u8; 64];
+    let mut bad = 0u8;
+    for (o, pair) in buf.iter_mut().zip(s.chunks_exact(2)) {
+        let hi = HEX_VALUE[usize::from(pair[0])];
+        let lo = HEX_VALUE[usize::from(pair[1])];
+        // 0xff in either digit sets the high bit.
+        bad |= (hi | lo) & 0x80;
+        *o = (hi << 4) | (lo & 0x0f);
+    }
+    if bad != 0 {
+        return None;
+    }
+    Some(DigestBytes {
+        len: (s.len() / 2) as u8,
+        buf,
+    })
+}
+
+fn split_space(s: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match s.iter().position(|b| *b == b' ') {
+        Some(i) => (&s[..i], s.get(i + 1..)),
+        None => (s, None),
+    }
+}
+
+/// Parse the ascii list (`ascii_runtime_measurements`). Empty lines are
+/// skipped; line numbers in entries and errors are 1-based.
+pub fn parse_ascii(input: &[u8]) -> Result<Vec<ImaEntry>, ImaError> {
+    parse_ascii_from(input, 1)
+}
+
+/// Parse an ascii continuation whose first line is line `first_line` of the
+/// whole list.
+pub fn parse_ascii_from(input: &[u8], first_line: usize) -> Result<Vec<ImaEntry>, ImaError> {
+    // A line is at least ~60 bytes; this bounds the reservation by the input.
+    let mut out = Vec::with_capacity(input.len() / 64);
+    for (no, raw) in (first_line..).zip(input.split(|b| *b == b'\n')) {
+        if raw.len() > MAX_ASCII_LINE {
+            return Err(ImaError::LineTooLong {
+                line: no,
+                len: raw.len(),
+                max: MAX_ASCII_LINE,
+            });
+        }
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.is_empty() {
+            continue;
+        }
+        let entry_no = out.len() + 1;
+        out.push(parse_ascii_line(raw, no, entry_no)?);
+    }
+    Ok(out)
+}
+
+fn parse_ascii_line(raw: &[u8], line: usize, entry: usize) -> Result<ImaEntry, ImaError> {
+    let bad = |field: &'static str, detail: &str| ImaError::Malformed {
+        line,
+        field,
+        detail: detail.to_string(),
+    };
+    if std::str::from_utf8(raw).is_err() {
+        return Err(ImaError::NotUtf8 { line });
+    }
+    let (pcr, rest) = split_space(raw);
+    let pcr: u32 = std::str::from_utf8(pcr)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("pcr", "not a decimal number"))?;
+    let rest = rest.ok_or_else(|| bad("template hash", "missing"))?;
+    let (th, rest) = split_space(rest);
+    let template_hash = hex_digest(th)
+        .filter(|d| alg_by_len(d.as_slice().len()).is_some())
+        .ok_or_else(|| bad("template hash", "not a 20/32/48/64-byte hex digest"))?;
+    let rest = rest.ok_or_else(|| bad("template name", "missing"))?;
+    let (tname, rest) = split_space(rest);
+    let template = Template::parse(tname).ok_or_else(|| ImaError::UnsupportedTemplate {
+        entry,
+        line,
+        name: String::from_utf8_lossy(tname).into_owned(),
+    })?;
+    let rest = rest.ok_or_else(|| bad("digest", "missing"))?;
+    let (dfield, rest) = split_space(rest);
+    let (digest_alg, digest) = if template == Template::Ima {
+        let d = hex_digest(dfield)
+            .filter(|d| d.as_slice().len() == 20)
+            .ok_or_else(|| bad("digest", "not a 20-byte hex digest"))?;
+        (HashAlg::Sha1, d)
+    } else {
+        let colon = dfield
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| bad("digest", "no \"alg:\" prefix"))?;
+        let (an, hx) = (
+            &dfield[..colon],
+            dfield.get(colon + 1..).unwrap_or_default(),
+        );
+        let alg = alg_by_name(an).ok_or_else(|| ImaError::UnsupportedAlgorithm {
+            entry,
+            line,
+            name: String::from_utf8_lossy(an).into_owned(),
+        })?;
+        let d = hex_digest(hx)
+            .filter(|d| d.as_slice().len() == alg.digest_len())
+            .ok_or_else(|| bad("digest", "hex of the wrong length for its algorithm"))?;
+        (alg, d)
+    };
+    let rest = rest.ok_or_else(|| bad("name", "missing"))?;
+    let (name, extra): (&[u8], Vec<u8>) = match template {
+        Template::Ima | Template::ImaNg => (rest, Vec::new()),
+        Template::ImaSig | Template::ImaBuf => {
+            // The last field follows the last space; a file name may hold spaces.
+            match rest.iter().rposition(|b| *b == b' ') {
+                Some(i) => {
+                    let (n, h) = (&rest[..i], rest.get(i + 1..).unwrap_or_default());
+                    match hex::decode(h) {
+                        Ok(x) => (n, x),
+                        // Trailing space stripped and a name with spaces.
+                        Err(_) if template == Template::ImaSig => (rest, Vec::new()),
+                        Err(_) => return Err(bad("buf", "not hex")),
+                    }
+                }
+                None => (rest, Vec::new()),
+            }
+        }
+    };
+    if name.is_empty() {
+        return Err(bad("name", "empty"));
+    }
+    if template == Template::Ima && name.len() >= IMA_NAME_HASH_LEN {
+        return Err(bad("name", "longer than 255 bytes in an `ima` entry"));
+    }
+    let fields = Fields {
+        template,
+        digest_alg,
+        digest: digest.as_slice(),
+        name,
+        extra: &extra,
+    };
+    build_entry(line, pcr, template_hash, fields).map_err(|_| bad("entry", "too large"))
+}
+
+/// Bounds-checked little-endian reader for the binary list.
+struct BinReader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    entry: usize,
+}
+
+impl<'a> BinReader<'a> {
+    fn bytes(&mut self, n: usize, structure: &'static str) -> Result<&'a [u8], ImaError> {
+        let remaining = self.buf.len().saturating_sub(self.pos);
+        if remaining < n {
+            return Err(ImaError::Truncated {
+                entry: self.entry,
+                structure,
+                offset: self.pos,
+                needed: n - remaining,
+            });
+        }
+        let out = self.buf.get(self.pos..self.pos + n).unwrap_or_default();
+        self.pos += n;
+        Ok(out)
+    }
+    fn u32(&mut self, structure: &'static str) -> Result<u32, ImaError> {
+        let b = self.bytes(4, structure)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn sized(&mut self, structure: &'static str) -> Result<&'a [u8], ImaError> {
+        let n = self.u32(structure)? as usize;
+        self.bytes(n, structure)
+    }
+}
+
+/// Parse the binary list (`binary_runtime_measurements`, little-endian).
+pub fn parse_binary(input: &[u8]) -> Result<Vec<ImaEntry>, ImaError> {
+    // An entry has at least 4+20+4+4 bytes of header.
+    let mut out = Vec::with_capacity(input.len() / 32);
+    let mut r = BinReader {
+        buf: input,
+        pos: 0,
+        entry: 1,
+    };
+    while r.pos < input.len() {
+        let start = r.pos;
+        let pcr = r.u32("pcr")?;
+        let th = r.bytes(20, "template hash")?;
+        let template_hash = DigestBytes::from_slice(th).unwrap_or(DigestBytes::filled(20, 0));
+        let tlen = r.u32("template name length")? as usize;
+        if tlen > MAX_TEMPLATE_NAME {
+            return Err(ImaError::BinaryMalformed {
+                entry: r.entry,
+                offset: r.pos - 4,
+                field: "template name length",
+                detail: format!("{tlen} > {MAX_TEMPLATE_NAME}"),
+            });
+        }
+        let tname = r.bytes(tlen, "template name")?;
+        let template = Template::parse(tname).ok_or_else(|| ImaError::UnsupportedTemplate {
+            entry: r.entry,
+            line: start,
+            name: String::from_utf8_lossy(tname).into_owned(),
+        })?;
+        let entry = if template == Template::Ima {
+            let data_start = r.pos;
+            r.bytes(20, "ima digest")?;
+            let n = r.sized("ima name")?;
+            if n.len() >= IMA_NAME_HASH_LEN {
+                return Err(ImaError::BinaryMalformed {
+                    entry: r.entry,
+                    offset: data_start + 20,
+                    field: "ima name",
+                    detail: "longer than 255 bytes".into(),
+                });
+            }
+            let data = input.get(data_start..r.pos).unwrap_or_default().to_vec();
+            ImaEntry {
+                line: start,
+                pcr,
+                template_hash,
+                template,
+                digest_alg: HashAlg::Sha1,
+                data,
+                digest: 0..20,
+                name: 24..24 + n.len(),
+                extra: 24 + n.len()..24 + n.len(),
+            }
+        } else {
+            let data = r.sized("template data")?;
+            let data_offset = r.pos - data.len();
+            parse_ng_data(
+                data,
+                data_offset,
+                r.entry,
+                start,
+                pcr,
+                template_hash,
+                template,
+            )?
+        };
+        out.push(entry);
+        r.entry += 1;
+    }
+    Ok(out)
+}
+
+/// Split the template data of an `-ng` template into its fields.
+fn parse_ng_data(
+    data: &[u8],
+    data_offset: usize,
+    entry: usize,
+    start: usize,
+    pcr: u32,
+    template_hash: DigestBytes,
+    template: Template,
+) -> Result<ImaEntry, ImaError> {
+    let mut f = BinReader {
+        buf: data,
+        pos: 0,
+        entry,
+    };
+    let malformed =
+        |offset: usize, field: &'static str, detail: String| ImaError::BinaryMalformed {
+            entry,
+            offset: data_offset + offset,
+            field,
+            detail,
+        };
+    let d_start = f.pos + 4;
+    let dng = f.sized("d-ng field")?;
+    let sep = dng
+        .windows(2)
+        .position(|w| w == b":\0")
+        .ok_or_else(|| malformed(d_start, "d-ng", "no \"alg:\\0\" prefix".into()))?;
+    let alg_name = dng.get(..sep).unwrap_or_default();
+    let digest_alg = alg_by_name(alg_name).ok_or_else(|| ImaError::UnsupportedAlgorithm {
+        entry,
+        line: start,
+        name: String::from_utf8_lossy(alg_name).into_owned(),
+    })?;
+    let digest = d_start + sep + 2..d_start + dng.len();
+    if digest.len() != digest_alg.digest_len() {
+        return Err(malformed(
+            d_start,
+            "d-ng",
+            format!("{} bytes of {digest_alg} digest", digest.len()),
+        ));
+    }
+    let n_start = f.pos + 4;
+    let n = f.sized("n-ng field")?;
+    // n-ng ends with NUL, which is not part of the name.
+    let name_len = match n.last() {
+        Some(0) => n.len() - 1,
+        _ => n.len(),
+    };
+    let name = n_start..n_start + name_len;
+    let extra = if template.field_count() == 3 {
+        let x_start = f.pos + 4;
+        let x = f.sized("third field")?;
+        x_start..x_start + x.len()
+    } else {
+        f.pos..f.pos
+    };
+    if f.pos != data.len() {
+        return Err(malformed(
+            f.pos,
+            "template data",
+            format!("{} trailing bytes", data.len() - f.pos),
+        ));
+    }
+    Ok(ImaEntry {
+        line: start,
+        pcr,
+        template_hash,
+        template,
+        digest_alg,
+        data: data.to_vec(),
+        digest,
+        name,
+        extra,
+    })
+}
+
+/// Encode entries as a binary list (little-endian), the inverse of
+/// [`parse_binary`]; used by tests, benches and tooling.
+pub fn encode_binary(entries: &[ImaEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        out.extend_from_slice(&e.pcr.to_le_bytes());
+        let mut th = [0u8; 20];
+        let src = e.template_hash.as_slice();
+        let n = src.len().min(20);
+        th[..n].copy_from_slice(&src[..n]);
+        out.extend_from_slice(&th);
+        let name = e.template.name().as_bytes();
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(name);
+        if e.template != Template::Ima {
+            out.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&e.data);
+    }
+    out
+}
+
+/// Encode entries as an ascii list.
+pub fn encode_ascii(entries: &[ImaEntry]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        out.push_str(&format!(
+            "{} {} {} ",
+            e.pcr,
+            hex::encode(e.template_hash.as_slice()),
+            e.template.name()
+        ));
+        if e.template == Template::Ima {
+            out.push_str(&hex::encode(e.digest()));
+        } else {
+            out.push_str(e.digest_alg.name());
+            out.push(':');
+            out.push_str(&hex::encode(e.digest()));
+        }
+        out.push(' ');
+        out.push_str(&e.name());
+        if e.template.field_count() == 3 {
+            out.push(' ');
+            out.push_str(&hex::encode(e.extra()));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Make an entry from its fields, computing the SHA-1 template hash as the
+/// kernel would; for generators and tests.
+pub fn make_entry(
+    template: Template,
+    digest_alg: HashAlg,
+    digest: &[u8],
+    name: &str,
+    extra: &[u8],
+) -> Option<ImaEntry> {
+    if digest.len() != digest_alg.digest_len() {
+        return None;
+    }
+    let fields = Fields {
+        template,
+        digest_alg,
+        digest,
+        name: name.as_bytes(),
+        extra,
+    };
+    let mut e = build_entry(0, 10, DigestBytes::filled(20, 0), fields).ok()?;
+    e.template_hash = e.compute_template_hash(HashAlg::Sha1);
+    Some(e)
+}
+
+/// PCR 10 replayed from zero over `entries` with `bank`.
+pub fn replay(entries: &[ImaEntry], bank: HashAlg) -> Vec<u8> {
+    let mut pcr = DigestBytes::filled(bank.digest_len(), 0);
+    for e in entries {
+        pcr = extend(bank, &pcr, &e.template_hash_for(bank));
+    }
+    pcr.as_slice().to_vec()
+}
+
+/// One bank's replayed PCR 10.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BankValue {
+    pub bank: HashAlg,
+    #[serde(with = "hex_bytes")]
+    pub pcr10: Vec<u8>,
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the server keeps per host between attestations: where the replay
+/// stands, how many entries are behind it, and which boot it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImaState {
+    /// Identifies the boot (the agent's boot id), if known.
+    pub boot_id: Option<String>,
+    /// The TPM's resetCount from the quote's clockInfo, if known.
+    pub reset_count: Option<u32>,
+    pub entries_verified: u64,
+    pub banks: Vec<BankValue>,
+}
+
+/// The quoted PCR 10 is not what the list replays to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("PCR 10 ({bank}): quoted {quoted}, list replays to {replayed}")]
+pub struct Pcr10Mismatch {
+    pub bank: HashAlg,
+    pub quoted: String,
+    pub replayed: String,
+}
+
+impl ImaState {
+    /// The state of a fresh boot: PCR 10 all zeros in each bank.
+    pub fn new(boot_id: Option<String>, reset_count: Option<u32>, banks: &[HashAlg]) -> Self {
+        let mut s = Self {
+            boot_id,
+            reset_count,
+            entries_verified: 0,
+            banks: Vec::new(),
+        };
+        for b in banks {
+            s.ensure_bank(*b);
+        }
+        s
+    }
+
+    /// The state to verify a quote from: `previous` if it belongs to the
+    /// same boot, else a fresh one (a reboot starts the list over).
+    pub fn for_boot(
+        previous: Option<&ImaState>,
+        boot_id: Option<&str>,
+        reset_count: Option<u32>,
+        banks: &[HashAlg],
+    ) -> Self {
+        match previous {
+            Some(p)
+                if p.boot_id.as_deref() == boot_id
+                    && p.reset_count == reset_count
+                    && banks.iter().all(|b| p.pcr10(*b).is_some()) =>
+            {
+                p.clone()
+            }
+            _ => Self::new(boot_id.map(str::to_string), reset_count, banks),
+        }
+    }
+
+    fn ensure_bank(&mut self, bank: HashAlg) {
+        if self.pcr10(bank).is_none() {
+            self.banks.push(BankValue {
+                bank,
+                pcr10: vec![0; bank.digest_len()],
+            });
+        }
+    }
+
+    pub fn pcr10(&self, bank: HashAlg) -> Option<&[u8]> {
+        self.banks
+            .iter()
+            .find(|b| b.bank == bank)
+            .map(|b| b.pcr10.as_slice())
+    }
+
+    /// The entries of the whole list `all` not yet verified.
+    pub fn continuation<'a>(&self, all: &'a [ImaEntry]) -> Result<&'a [ImaEntry], ImaError> {
+        usize::try_from(self.entries_verified)
+            .ok()
+            .and_then(|n| all.get(n..))
+            .ok_or(ImaError::ListShrank {
+                len: all.len(),
+                verified: self.entries_verified,
+            })
+    }
+
+    /// Does the replayed PCR 10 of `bank` equal the quoted value?
+    pub fn matches_quote(&self, bank: HashAlg, quoted: &[u8]) -> Result<(), Pcr10Mismatch> {
+        let replayed = self.pcr10(bank).unwrap_or_default();
+        if replayed == quoted {
+            return Ok(());
+        }
+        Err(Pcr10Mismatch {
+            bank,
+            quoted: hex::encode(quoted),
+            replayed: hex::encode(replayed),
+        })
+    }
+}
+
+/// Why an entry failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCode {
+    /// The logged template hash is not the hash of the template data.
+    TemplateHashMismatch,
+    /// The path is neither in the policy nor excluded.
+    NotInPolicy,
+    /// The path is in the policy with other digests.
+    DigestMismatch,
+    /// A violation entry (open-writers / ToMToU) and the policy forbids them.
+    Violation,
+    /// ima-sig: the signature did not verify and no digest allowed the file.
+    SignatureInvalid,
+    /// Not PCR 10.
+    UnexpectedPcr,
+}
+
+/// One failing entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImaFailure {
+    /// 1-based position in the whole list (counting earlier verified entries).
+    pub index: u64,
+    /// Ascii line number, or the byte offset in a binary list.
+    pub line: usize,
+    pub path: String,
+    pub code: FailureCode,
+    /// Allowed digests (at most a few), `alg:hex`.
+    pub expected: Vec<String>,
+    /// What the entry carries, `alg:hex`.
+    pub actual: Option<String>,
+}
+
+/// Result of verifying a run of entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImaOutcome {
+    pub new_state: ImaState,
+    pub entries_checked: u64,
+    /// The first failures, at most [`MAX_REPORTED_FAILURES`].
+    pub failures: Vec<ImaFailure>,
+    pub failures_total: u64,
+}
+
+impl ImaOutcome {
+    pub fn ok(&self) -> bool {
+        self.failures_total == 0
+    }
+}
+
+/// Verify `entries` (the continuation after `state`) against `policy`,
+/// replaying PCR 10 in `bank` and in every bank `state` already tracks.
+/// The logged (SHA-1) template hash of each entry is checked against its
+/// data so a failure names the altered line.
+pub fn verify(
+    entries: &[ImaEntry],
+    policy: &RuntimePolicy,
+    state: &ImaState,
+    bank: HashAlg,
+) -> Result<ImaOutcome, PolicyError> {
+    let compiled = policy.compiled()?;
+    let mut new_state = state.clone();
+    new_state.ensure_bank(bank);
+    let mut pcrs: Vec<(HashAlg, DigestBytes)> = new_state
+        .banks
+        .iter()
+        .map(|b| {
+            (
+                b.bank,
+                DigestBytes::from_slice(&b.pcr10).unwrap_or(DigestBytes::filled(0, 0)),
+            )
+        })
+        .collect();
+    // Two passes: the policy lookups of consecutive entries run back to
+    // back, so the CPU overlaps their cache misses (the policy table is far
+    // larger than the cache); the hashing pass then streams the entries.
+    let mut policy_failures = Vec::new();
+    let mut policy_total = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        let verdict = if e.pcr != 10 {
+            Err((FailureCode::UnexpectedPcr, Vec::new()))
+        } else if e.is_violation() {
+            if compiled.allow_violations {
+                Ok(())
+            } else {
+                Err((FailureCode::Violation, Vec::new()))
+            }
+        } else {
+            compiled.evaluate(e)
+        };
+        if let Err((code, expected)) = verdict {
+            policy_total += 1;
+            if policy_failures.len() < MAX_REPORTED_FAILURES {
+                let index = state.entries_verified + i as u64 + 1;
+                policy_failures.push(failure(e, index, code, expected));
+            }
+        }
+    }
+    let mut hash_failures = Vec::new();
+    let mut hash_total = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        let logged_alg = alg_by_len(e.template_hash.as_slice().len()).unwrap_or(HashAlg::Sha1);
+        let mut logged_ok = None;
+        if !e.is_violation() {
+            let computed = e.compute_template_hash(logged_alg);
+            if computed != e.template_hash {
+                hash_total += 1;
+                if hash_failures.len() < MAX_REPORTED_FAILURES {
+                    hash_failures.push(ImaFailure {
+                        index: state.entries_verified + i as u64 + 1,
+                        line: e.line,
+                        path: e.name().into_owned(),
+                        code: FailureCode::TemplateHashMismatch,
+                        expected: vec![format!(
+                            "{logged_alg}:{}",
+                            hex::encode(e.template_hash.as_slice())
+                        )],
+                        actual: Some(format!("{logged_alg}:{}", hex::encode(computed.as_slice()))),
+                    });
+                }
+            }
+            logged_ok = Some(computed);
+        }
+        for (alg, pcr) in pcrs.iter_mut() {
+            let th = match logged_ok {
+                Some(c) if *alg == logged_alg => c,
+                _ => e.template_hash_for(*alg),
+            };
+            *pcr = extend(*alg, pcr, &th);
+        }
+    }
+    // The first failures overall are among the first of each pass; for one
+    // entry, the template hash failure comes first (stable sort).
+    let mut failures = hash_failures;
+    failures.append(&mut policy_failures);
+    failures.sort_by_key(|f| f.index);
+    failures.truncate(MAX_REPORTED_FAILURES);
+    let failures_total = hash_total + policy_total;
+    for (b, (_, pcr)) in new_state.banks.iter_mut().zip(pcrs) {
+        b.pcr10 = pcr.as_slice().to_vec();
+    }
+    new_state.entries_verified = state.entries_verified + entries.len() as u64;
+    Ok(ImaOutcome {
+        new_state,
+        entries_checked: entries.len() as u64,
+        failures,
+        failures_total,
+    })
+}
+
+fn failure(e: &ImaEntry, index: u64, code: FailureCode, expected: Vec<String>) -> ImaFailure {
+    ImaFailure {
+        index,
+        line: e.line,
+        path: e.name().into_owned(),
+        code,
+        expected: expected.into_iter().take(MAX_EXPECTED_SHOWN).collect(),
+        actual: Some(format!("{}:{}", e.digest_alg, hex::encode(e.digest()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime_policy::PolicyDocument;
+
+    const RK_LIST: &[u8] =
+        include_bytes!("../../fixtures/ima/rust-keylime-ascii_runtime_measurements");
+    const KL_LOGS: [(&str, &[u8], &[u8]); 4] = [
+        (
+            "sha1",
+            include_bytes!("../../fixtures/ima/keylime-ima-log-sha1"),
+            include_bytes!("../../fixtures/ima/keylime-policy-sha1"),
+        ),
+        (
+            "sha256",
+            include_bytes!("../../fixtures/ima/keylime-ima-log-sha256"),
+            include_bytes!("../../fixtures/ima/keylime-policy-sha256"),
+        ),
+        (
+            "sha384",
+            include_bytes!("../../fixtures/ima/keylime-ima-log-sha384"),
+            include_bytes!("../../fixtures/ima/keylime-policy-sha384"),
+        ),
+        (
+            "sha512",
+            include_bytes!("../../fixtures/ima/keylime-ima-log-sha512"),
+            include_bytes!("../../fixtures/ima/keylime-policy-sha512"),
+        ),
+    ];
+
+    /// A policy allowing exactly what `entries` carry.
+    fn policy_of(entries: &[ImaEntry]) -> RuntimePolicy {
+        let mut doc = PolicyDocument::default();
+        for e in entries {
+            doc.digests
+                .entry(e.name().into_owned())
+                .or_default()
+                .push(format!("{}:{}", e.digest_alg, hex::encode(e.digest())));
+        }
+        doc.allow_violations = true;
+        RuntimePolicy::new(doc)
+    }
+
+    #[test]
+    fn rust_keylime_list_template_hashes_and_sha1_replay() {
+        let entries = parse_ascii(RK_LIST).unwrap();
+        assert_eq!(entries.len(), 826);
+        assert_eq!(entries[1].name(), "/init");
+        assert_eq!(entries[1].line, 2);
+        assert_eq!(entries[1].digest_alg, HashAlg::Sha1);
+        // The logged column is the kernel's SHA-1 of the template data.
+        for e in &entries {
+            assert_eq!(
+                e.compute_template_hash(HashAlg::Sha1),
+                e.template_hash,
+                "line {}",
+                e.line
+            );
+        }
+        // PCR 10 folded from the logged column alone.
+        let mut aggregate = vec![0u8; 20];
+        for e in &entries {
+            let th: Vec<u8> = if e.is_violation() {
+                vec![0xff; 20]
+            } else {
+                e.template_hash.as_slice().to_vec()
+            };
+            aggregate = HashAlg::Sha1.hash(&[&aggregate, &th]);
+        }
+        assert_eq!(replay(&entries, HashAlg::Sha1), aggregate);
+        let out = verify(
+            &entries,
+            &policy_of(&entries),
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha1,
+        )
+        .unwrap();
+        assert!(out.ok(), "{:?}", out.failures);
+        assert_eq!(out.entries_checked, 826);
+        out.new_state
+            .matches_quote(HashAlg::Sha1, &aggregate)
+            .unwrap();
+        // Other banks replay from the same data with their own hash.
+        assert_eq!(
+            verify(
+                &entries,
+                &policy_of(&entries),
+                &ImaState::new(None, None, &[]),
+                HashAlg::Sha256
+            )
+            .unwrap()
+            .new_state
+            .pcr10(HashAlg::Sha256)
+            .unwrap(),
+            replay(&entries, HashAlg::Sha256).as_slice()
+        );
+    }
+
+    #[test]
+    fn keylime_logs_parse_and_verify() {
+        for (alg, log, policy) in KL_LOGS {
+            let entries = parse_ascii(log).unwrap();
+            assert_eq!(entries.len(), 2, "{alg}");
+            let data = &entries[1];
+            assert_eq!(data.name(), "/data");
+            assert_eq!(data.digest_alg.name(), alg);
+            assert_eq!(
+                data.compute_template_hash(HashAlg::Sha1),
+                data.template_hash
+            );
+            if !entries[0].is_violation() {
+                assert_eq!(
+                    entries[0].compute_template_hash(HashAlg::Sha1),
+                    entries[0].template_hash
+                );
+            }
+            // Keylime's generated policy names /base_policy_data, not /data.
+            let p = RuntimePolicy::from_keylime_json(policy).unwrap();
+            p.validate().unwrap();
+            assert!(p.document().digests.contains_key("/base_policy_data"));
+            let out = verify(
+                &entries,
+                &p,
+                &ImaState::new(None, None, &[]),
+                HashAlg::Sha256,
+            )
+            .unwrap();
+            let f = out.failures.iter().find(|f| f.path == "/data").unwrap();
+            assert_eq!(f.code, FailureCode::NotInPolicy);
+            assert_eq!(f.line, 2);
+            assert_eq!(
+                f.actual.as_deref(),
+                Some(format!("{alg}:{}", hex::encode(data.digest())).as_str())
+            );
+            // The list against a policy of its own digests passes.
+            let own = verify(
+                &entries,
+                &policy_of(&entries),
+                &ImaState::new(None, None, &[]),
+                HashAlg::Sha256,
+            )
+            .unwrap();
+            assert!(own.ok(), "{alg}: {:?}", own.failures);
+        }
+    }
+
+    #[test]
+    fn binary_round_trip() {
+        let entries = parse_ascii(RK_LIST).unwrap();
+        let bin = encode_binary(&entries);
+        let back = parse_binary(&bin).unwrap();
+        assert_eq!(back.len(), entries.len());
+        for (a, b) in entries.iter().zip(&back) {
+            assert_eq!(a.template_data(), b.template_data());
+            assert_eq!(a.name(), b.name());
+            assert_eq!(a.digest(), b.digest());
+            assert_eq!(a.template_hash, b.template_hash);
+            assert_eq!(b.compute_template_hash(HashAlg::Sha1), b.template_hash);
+        }
+        assert_eq!(
+            replay(&back, HashAlg::Sha1),
+            replay(&entries, HashAlg::Sha1)
+        );
+        // And back to ascii, byte for byte.
+        assert_eq!(encode_ascii(&back).as_bytes(), RK_LIST);
+    }
+
+    #[test]
+    fn every_template_round_trips() {
+        let sig = [3u8, 2, 4, 1, 2, 3, 4, 0, 2, 0xaa, 0xbb];
+        let list = vec![
+            make_entry(Template::Ima, HashAlg::Sha1, &[7; 20], "/usr/bin/old", &[]).unwrap(),
+            make_entry(
+                Template::ImaNg,
+                HashAlg::Sha512,
+                &[8; 64],
+                "/with space",
+                &[],
+            )
+            .unwrap(),
+            make_entry(
+                Template::ImaSig,
+                HashAlg::Sha256,
+                &[9; 32],
+                "/signed file",
+                &sig,
+            )
+            .unwrap(),
+            make_entry(
+                Template::ImaSig,
+                HashAlg::Sha256,
+                &[9; 32],
+                "/unsigned",
+                &[],
+            )
+            .unwrap(),
+            make_entry(
+                Template::ImaBuf,
+                HashAlg::Sha256,
+                &[10; 32],
+                ".ima",
+                b"key bytes",
+            )
+            .unwrap(),
+        ];
+        let ascii = encode_ascii(&list);
+        let from_ascii = parse_ascii(ascii.as_bytes()).unwrap();
+        let from_bin = parse_binary(&encode_binary(&list)).unwrap();
+        for parsed in [&from_ascii, &from_bin] {
+            assert_eq!(parsed.len(), list.len());
+            for (a, b) in list.iter().zip(parsed.iter()) {
+                assert_eq!(a.template, b.template);
+                assert_eq!(a.name(), b.name());
+                assert_eq!(a.digest(), b.digest());
+                assert_eq!(a.extra(), b.extra());
+                assert_eq!(a.template_data(), b.template_data());
+                assert_eq!(b.compute_template_hash(HashAlg::Sha1), b.template_hash);
+            }
+        }
+        assert_eq!(from_ascii[2].extra(), &sig);
+        // `ima`: digest || name padded to 256 bytes.
+        let mut input = vec![7u8; 20];
+        input.extend_from_slice(b"/usr/bin/old");
+        input.resize(20 + 256, 0);
+        assert_eq!(
+            list[0].template_hash.as_slice(),
+            HashAlg::Sha1.hash(&[&input]).as_slice()
+        );
+        // ima-ng data: "sha512:\0" digest, name with NUL.
+        assert_eq!(&list[1].template_data()[4..12], b"sha512:\0");
+        assert_eq!(list[1].template_data().last(), Some(&0));
+    }
+
+    #[test]
+    fn altered_digest_reported_with_line_and_path() {
+        let text = std::str::from_utf8(RK_LIST).unwrap();
+        let good = parse_ascii(RK_LIST).unwrap();
+        let policy = policy_of(&good);
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let target = 100; // 0-based: line 101
+        let path = good[target].name().into_owned();
+        // Flip the first digest hex digit of that line.
+        let l = &mut lines[target];
+        let pos = l.find("sha1:").unwrap() + 5;
+        let c = if &l[pos..pos + 1] == "0" { "1" } else { "0" };
+        l.replace_range(pos..pos + 1, c);
+        let altered = lines.join("\n");
+        let entries = parse_ascii(altered.as_bytes()).unwrap();
+        let out = verify(
+            &entries,
+            &policy,
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha1,
+        )
+        .unwrap();
+        assert!(!out.ok());
+        let first = &out.failures[0];
+        assert_eq!(first.line, 101);
+        assert_eq!(first.index, 101);
+        assert_eq!(first.path, path);
+        assert_eq!(first.code, FailureCode::TemplateHashMismatch);
+        let dm = out
+            .failures
+            .iter()
+            .find(|f| f.code == FailureCode::DigestMismatch)
+            .unwrap();
+        assert_eq!(dm.line, 101);
+        assert_eq!(
+            dm.expected,
+            vec![format!("sha1:{}", hex::encode(good[target].digest()))]
+        );
+        assert_ne!(dm.actual.as_deref(), Some(dm.expected[0].as_str()));
+        // The replay differs from the good list's, so the quote would not match.
+        assert!(out
+            .new_state
+            .matches_quote(HashAlg::Sha1, &replay(&good, HashAlg::Sha1))
+            .is_err());
+    }
+
+    #[test]
+    fn invalid_inputs_are_refused_with_positions() {
+        let invalid = include_bytes!("../../fixtures/ima/rust-keylime-invalid_ima_log.txt");
+        let e = parse_ascii(invalid).unwrap_err();
+        assert_eq!(e.code(), "ima_malformed_line");
+        assert!(matches!(e, ImaError::Malformed { line: 1, .. }), "{e}");
+        let empty = include_bytes!("../../fixtures/ima/rust-keylime-empty_ima_log.txt");
+        assert!(parse_ascii(empty).unwrap().is_empty());
+        let one = parse_ascii(include_bytes!(
+            "../../fixtures/ima/rust-keylime-ima_log.txt"
+        ))
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].name(), "boot_aggregate");
+        assert_eq!(
+            one[0].compute_template_hash(HashAlg::Sha1),
+            one[0].template_hash
+        );
+
+        let mut text = String::from_utf8(RK_LIST.to_vec()).unwrap();
+        text.push_str(&"x".repeat(MAX_ASCII_LINE + 1));
+        let e = parse_ascii(text.as_bytes()).unwrap_err();
+        assert!(matches!(e, ImaError::LineTooLong { line: 827, .. }), "{e}");
+
+        for (bad, field) in [
+            ("10 abc ima-ng sha1:00 /x", "template hash"),
+            (
+                "x 0000000000000000000000000000000000000000 ima-ng sha1:00 /x",
+                "pcr",
+            ),
+            (
+                "10 1111111111111111111111111111111111111111 ima-ng sha1:00 /x",
+                "digest",
+            ),
+            (
+                "10 1111111111111111111111111111111111111111 ima-ng sha1",
+                "digest",
+            ),
+            (
+                "10 1111111111111111111111111111111111111111 ima-ng",
+                "digest",
+            ),
+        ] {
+            let input = format!("{}\n\n{bad}\n", std::str::from_utf8(one_line()).unwrap());
+            match parse_ascii(input.as_bytes()) {
+                Err(ImaError::Malformed {
+                    line: 3, field: f, ..
+                }) => assert_eq!(f, field, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let e =
+            parse_ascii(b"10 1111111111111111111111111111111111111111 evm-sig x y\n").unwrap_err();
+        assert_eq!(e.code(), "ima_unsupported_template");
+        let e = parse_ascii(b"10 1111111111111111111111111111111111111111 ima-ng md5:00 y\n")
+            .unwrap_err();
+        assert_eq!(e.code(), "ima_unsupported_algorithm");
+
+        // Every truncation of a binary list is an error, never a panic.
+        let three = &parse_ascii(RK_LIST).unwrap()[..3];
+        let bin = encode_binary(three);
+        let boundaries: Vec<usize> = (1..3).map(|n| encode_binary(&three[..n]).len()).collect();
+        for cut in (1..bin.len()).filter(|c| !boundaries.contains(c)) {
+            let r = parse_binary(&bin[..cut]);
+            let e = r.expect_err("truncated list accepted");
+            assert!(
+                matches!(e.code(), "ima_truncated" | "ima_malformed_entry"),
+                "{cut}: {e}"
+            );
+        }
+        // A length field larger than the input is refused without allocating it.
+        let mut huge = bin.clone();
+        huge[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_binary(&huge).is_err());
+    }
+
+    fn one_line() -> &'static [u8] {
+        include_bytes!("../../fixtures/ima/rust-keylime-ima_log.txt").trim_ascii_end()
+    }
+
+    #[test]
+    fn excludes_skip_paths() {
+        let entries = parse_ascii(RK_LIST).unwrap();
+        let keep: Vec<ImaEntry> = entries
+            .iter()
+            .filter(|e| !e.name().starts_with("/lib/"))
+            .cloned()
+            .collect();
+        let mut doc = policy_of(&keep).document().clone();
+        let without = verify(
+            &entries,
+            &RuntimePolicy::new(doc.clone()),
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha1,
+        )
+        .unwrap();
+        let lib_count = entries.len() - keep.len();
+        assert!(lib_count > 0);
+        assert_eq!(without.failures_total as usize, lib_count);
+        assert!(without
+            .failures
+            .iter()
+            .all(|f| f.path.starts_with("/lib/") && f.code == FailureCode::NotInPolicy));
+        doc.excludes = vec!["/lib/.*".into()];
+        let with = verify(
+            &entries,
+            &RuntimePolicy::new(doc.clone()),
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha1,
+        )
+        .unwrap();
+        assert!(with.ok(), "{:?}", with.failures);
+        // Anchored at the start: "lib/" alone does not match "/lib/...".
+        doc.excludes = vec!["lib/".into()];
+        let anchored = verify(
+            &entries,
+            &RuntimePolicy::new(doc),
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha1,
+        )
+        .unwrap();
+        assert_eq!(anchored.failures_total as usize, lib_count);
+    }
+
+    #[test]
+    fn incremental_equals_at_once() {
+        let entries = parse_ascii(RK_LIST).unwrap();
+        let policy = policy_of(&entries[..600]);
+        let banks = [HashAlg::Sha1, HashAlg::Sha256];
+        let start = ImaState::for_boot(None, Some("boot-1"), Some(3), &banks);
+        let whole = verify(&entries, &policy, &start, HashAlg::Sha256).unwrap();
+        let first = verify(&entries[..400], &policy, &start, HashAlg::Sha256).unwrap();
+        let rest = first.new_state.continuation(&entries).unwrap();
+        assert_eq!(rest.len(), 426);
+        let second = verify(rest, &policy, &first.new_state, HashAlg::Sha256).unwrap();
+        assert_eq!(second.new_state, whole.new_state);
+        assert_eq!(second.new_state.entries_verified, 826);
+        assert_eq!(
+            first.failures_total + second.failures_total,
+            whole.failures_total
+        );
+        assert_eq!(
+            second.failures.first().map(|f| f.index),
+            whole.failures.first().map(|f| f.index)
+        );
+        for b in banks {
+            assert_eq!(
+                whole.new_state.pcr10(b).unwrap(),
+                replay(&entries, b).as_slice()
+            );
+        }
+        // Same boot continues; a reboot (new reset count) starts over.
+        let same = ImaState::for_boot(Some(&whole.new_state), Some("boot-1"), Some(3), &banks);
+        assert_eq!(same.entries_verified, 826);
+        let rebooted = ImaState::for_boot(Some(&whole.new_state), Some("boot-1"), Some(4), &banks);
+        assert_eq!(rebooted.entries_verified, 0);
+        assert_eq!(rebooted.pcr10(HashAlg::Sha1).unwrap(), &[0u8; 20]);
+        // A list shorter than what was verified cannot be continued.
+        assert!(whole.new_state.continuation(&entries[..10]).is_err());
+        // The state survives JSON (the server stores it per host).
+        let json = serde_json::to_string(&whole.new_state).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ImaState>(&json).unwrap(),
+            whole.new_state
+        );
+    }
+
+    #[test]
+    fn violations_extend_all_ones() {
+        let mut v = make_entry(
+            Template::ImaNg,
+            HashAlg::Sha256,
+            &[0; 32],
+            "/var/log/x",
+            &[],
+        )
+        .unwrap();
+        v.template_hash = DigestBytes::filled(20, 0);
+        let ok = make_entry(Template::ImaNg, HashAlg::Sha256, &[1; 32], "/bin/a", &[]).unwrap();
+        let list = vec![ok.clone(), v.clone()];
+        for bank in [
+            HashAlg::Sha1,
+            HashAlg::Sha256,
+            HashAlg::Sha384,
+            HashAlg::Sha512,
+        ] {
+            let n = bank.digest_len();
+            let p1 = bank.hash(&[&vec![0; n], ok.template_hash_for(bank).as_slice()]);
+            let p2 = bank.hash(&[&p1, &vec![0xff; n]]);
+            assert_eq!(replay(&list, bank), p2, "{bank}");
+        }
+        let mut doc = policy_of(&[ok]).document().clone();
+        doc.allow_violations = false;
+        let out = verify(
+            &list,
+            &RuntimePolicy::new(doc.clone()),
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha1,
+        )
+        .unwrap();
+        assert_eq!(out.failures_total, 1);
+        assert_eq!(out.failures[0].code, FailureCode::Violation);
+        assert_eq!(out.failures[0].index, 2);
+        doc.allow_violations = true;
+        let out = verify(
+            &list,
+            &RuntimePolicy::new(doc),
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha1,
+        )
+        .unwrap();
+        assert!(out.ok());
+    }
+
+    #[test]
+    fn signatures_rsa_and_p256() {
+        use crate::runtime_policy::{kernel_hash_algo_id, key_id};
+        use base64::Engine;
+        use p256::ecdsa::signature::hazmat::PrehashSigner;
+        use p256::pkcs8::EncodePublicKey;
+        use rsa::pkcs8::DecodePrivateKey;
+
+        let rsa_key = rsa::RsaPrivateKey::from_pkcs8_pem(include_str!(
+            "../../fixtures/credential/test-ek.key"
+        ))
+        .unwrap();
+        let rsa_pem = rsa_key
+            .to_public_key()
+            .to_public_key_pem(Default::default())
+            .unwrap();
+        let ec_key = p256::ecdsa::SigningKey::from_bytes(&[0x42u8; 32].into()).unwrap();
+        // base64 DER (the form Keylime keeps keys in) is accepted as well as PEM.
+        let ec_pem = base64::engine::general_purpose::STANDARD.encode(
+            p256::PublicKey::from(ec_key.verifying_key())
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes(),
+        );
+
+        let digest = HashAlg::Sha256.hash(&[b"file contents"]);
+        let header = |kid: u32, sig: &[u8]| {
+            let mut v = vec![3u8, 2, kernel_hash_algo_id(HashAlg::Sha256)];
+            v.extend_from_slice(&kid.to_be_bytes());
+            v.extend_from_slice(&(sig.len() as u16).to_be_bytes());
+            v.extend_from_slice(sig);
+            v
+        };
+        let rsa_sig = rsa_key
+            .sign(
+                rsa::Pkcs1v15Sign {
+                    hash_len: Some(32),
+                    prefix: crate::runtime_policy::tests_prefix_sha256().into(),
+                },
+                &digest,
+            )
+            .unwrap();
+        let ec_sig: p256::ecdsa::Signature = ec_key.sign_prehash(&digest).unwrap();
+        let rsa_xattr = header(key_id(&rsa_pem).unwrap(), &rsa_sig);
+        let ec_xattr = header(key_id(&ec_pem).unwrap(), ec_sig.to_der().as_bytes());
+        let mut bad_xattr = rsa_xattr.clone();
+        let last = bad_xattr.len() - 1;
+        bad_xattr[last] ^= 1;
+        let list = vec![
+            make_entry(
+                Template::ImaSig,
+                HashAlg::Sha256,
+                &digest,
+                "/usr/bin/rsa-signed",
+                &rsa_xattr,
+            )
+            .unwrap(),
+            make_entry(
+                Template::ImaSig,
+                HashAlg::Sha256,
+                &digest,
+                "/usr/bin/ec-signed",
+                &ec_xattr,
+            )
+            .unwrap(),
+            make_entry(
+                Template::ImaSig,
+                HashAlg::Sha256,
+                &digest,
+                "/usr/bin/bad-sig",
+                &bad_xattr,
+            )
+            .unwrap(),
+            make_entry(
+                Template::ImaSig,
+                HashAlg::Sha256,
+                &digest,
+                "/usr/bin/no-sig",
+                &[],
+            )
+            .unwrap(),
+        ];
+        let list = parse_ascii(encode_ascii(&list).as_bytes()).unwrap();
+        let doc = PolicyDocument {
+            keys: vec![rsa_pem, ec_pem],
+            ..Default::default()
+        };
+        let out = verify(
+            &list,
+            &RuntimePolicy::new(doc),
+            &ImaState::new(None, None, &[]),
+            HashAlg::Sha256,
+        )
+        .unwrap();
+        let codes: Vec<_> = out.failures.iter().map(|f| (f.line, f.code)).collect();
+        assert_eq!(
+            codes,
+            vec![
+                (3, FailureCode::SignatureInvalid),
+                (4, FailureCode::NotInPolicy)
+            ]
+        );
+    }
+}
