@@ -221,39 +221,39 @@ async fn evidence(
     };
     let correlation_id = uuid::Uuid::new_v4().to_string();
     match result {
-        Ok(verified) => {
-            let ev = audit::attestation_event(&audit::Attestation {
-                observer: &st.config.name,
-                host: &host,
-                initiator: &caller.0.name,
-                now,
-                verdict: Some(&verified.verdict),
-                reason: None,
-                pcrs: Some(&verified.pcrs),
-                correlation_id: &correlation_id,
-            });
-            let mut events = vec![ev];
-            if verified.rebooted {
-                // The host rebooted since its last quote; this quote is its fresh attestation.
-                events.push(audit::event(
-                    &st.config.name,
-                    audit::client("agent", &host),
-                    proto::cadf::Resource::host(&host),
-                    "monitor",
-                    "success",
-                    Some(("tpm/clock", "reboot")),
-                    now,
-                    Some(&host),
-                ));
-                tracing::info!(host, "reboot detected from the TPM reset/restart count");
+        Ok(mut verified) => {
+            let mut epoch = record.policy_epoch;
+            let mut attempts = 0;
+            loop {
+                let events =
+                    attestation_events(&st, &host, &caller, now, &verified, &correlation_id);
+                let rec = AttestationRecord {
+                    verdict: &verified.verdict,
+                    verified_pcrs: Some(&verified.pcrs),
+                    clock: Some(verified.attest.clock_info),
+                    events: &events,
+                    policy_epoch: Some(epoch),
+                };
+                if st.store.record_attestation(&host, rec).await? {
+                    break;
+                }
+                // A policy change affected the host meanwhile: judge the same
+                // genuine evidence again against the policy as it is now.
+                attempts += 1;
+                if attempts > 5 {
+                    return Err(Error::PolicyChanging { host });
+                }
+                epoch = known_host(&st, &host).await?.policy_epoch;
+                let host_policy = st.store.host_policy(&host).await?;
+                let j = verify::judge(&verified.pcrs, &host_policy);
+                verified.verdict.trust = if j.faults.is_empty() {
+                    Trust::Trusted
+                } else {
+                    Trust::Untrusted
+                };
+                verified.verdict.reasons = j.faults;
+                verified.verdict.policy = Some(j.applied);
             }
-            let rec = AttestationRecord {
-                verdict: &verified.verdict,
-                verified_pcrs: Some(&verified.pcrs),
-                clock: Some(verified.attest.clock_info),
-                events: &events,
-            };
-            st.store.record_attestation(&host, rec).await?;
             st.metrics
                 .observe_attestation(&verified.verdict, started.elapsed());
             st.audit_wake.notify_one();
@@ -299,6 +299,7 @@ async fn evidence(
                 verified_pcrs: None,
                 clock: None,
                 events: std::slice::from_ref(&ev),
+                policy_epoch: None,
             };
             st.store.record_attestation(&host, rec).await?;
             st.metrics.observe_attestation(&verdict, started.elapsed());
@@ -308,6 +309,44 @@ async fn evidence(
             Err(err)
         }
     }
+}
+
+/// The events of one genuine attestation: the attestation itself, and a
+/// reboot when the TPM's counters say the host restarted since its last quote.
+fn attestation_events(
+    st: &AppState,
+    host: &str,
+    caller: &Caller,
+    now: DateTime<Utc>,
+    verified: &verify::Verified,
+    correlation_id: &str,
+) -> Vec<crate::store::NewEvent> {
+    let ev = audit::attestation_event(&audit::Attestation {
+        observer: &st.config.name,
+        host,
+        initiator: &caller.0.name,
+        now,
+        verdict: Some(&verified.verdict),
+        reason: None,
+        pcrs: Some(&verified.pcrs),
+        correlation_id,
+    });
+    let mut events = vec![ev];
+    if verified.rebooted {
+        // The host rebooted since its last quote; this quote is its fresh attestation.
+        events.push(audit::event(
+            &st.config.name,
+            audit::client("agent", host),
+            proto::cadf::Resource::host(host),
+            "monitor",
+            "success",
+            Some(("tpm/clock", "reboot")),
+            now,
+            Some(host),
+        ));
+        tracing::info!(host, "reboot detected from the TPM reset/restart count");
+    }
+    events
 }
 
 /// The host's record and decoded AK, once its AK completed activation.

@@ -98,6 +98,8 @@ pub enum Error {
     WhitelistInUse { name: String, groups: Vec<String> },
     #[error("no host group {0}")]
     UnknownGroup(String),
+    #[error("the policy of host {host} kept changing while its evidence was judged; try again")]
+    PolicyChanging { host: String },
     #[error("group {name} still has hosts ({}); move them out first", hosts.join(", "))]
     GroupInUse { name: String, hosts: Vec<String> },
     #[error("storage unavailable: {0}")]
@@ -176,7 +178,7 @@ impl Error {
             NotEnrolled { .. } | NoEvidence(_) => StatusCode::CONFLICT,
             UnknownHost(_) | NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Storage(_) | PolicyChanging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Config { .. } | TlsSetup(_) | Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             OatUnauthorized => StatusCode::UNAUTHORIZED,
             TooMany { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -234,6 +236,7 @@ impl Error {
             BaseVersionRequired { .. } => "base_version_required",
             WhitelistInUse { .. } => "whitelist_in_use",
             UnknownGroup(_) => "unknown_group",
+            PolicyChanging { .. } => "policy_changing",
             GroupInUse { .. } => "group_in_use",
             Storage(_) => "storage_unavailable",
             NotFound => "not_found",

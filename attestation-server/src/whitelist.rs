@@ -230,6 +230,26 @@ async fn execute(
     p: Proposal,
     dry_run: bool,
 ) -> Result<ChangeReport, Error> {
+    // A host that attests while the change is judged makes the store answer
+    // Stale; judging again then sees its newer evidence.
+    for _ in 0..5 {
+        if let Some(report) = attempt(st, caller, &p, dry_run).await? {
+            return Ok(report);
+        }
+    }
+    Err(Error::PolicyChanging {
+        host: p.affected.first().cloned().unwrap_or_default(),
+    })
+}
+
+/// Judge the affected hosts against the policy as the change makes it, and
+/// store it all unless this is a dry run; `None` when a host attested meanwhile.
+async fn attempt(
+    st: &AppState,
+    caller: &Caller,
+    p: &Proposal,
+    dry_run: bool,
+) -> Result<Option<ChangeReport>, Error> {
     let now = Utc::now();
     let mut lookups = Lookups::default();
     let mut rejudged = Vec::new();
@@ -281,7 +301,7 @@ async fn execute(
         changed,
     };
     if dry_run {
-        return Ok(report);
+        return Ok(Some(report));
     }
     let initiator = audit::client(caller.0.role.as_str(), &caller.0.name);
     let event = audit::event(
@@ -296,10 +316,14 @@ async fn execute(
     );
     let refusal = match st
         .store
-        .apply_policy_change(&p.change, &rejudged, &event)
+        .apply_policy_change(&p.change, &p.affected, &rejudged, &event)
         .await?
     {
         ApplyOutcome::Applied => None,
+        ApplyOutcome::Stale { host } => {
+            tracing::debug!(host, change = %p.describe, "host attested during a policy change; judging again");
+            return Ok(None);
+        }
         ApplyOutcome::Conflict { current } => Some(conflict(&p.change, current)),
         ApplyOutcome::InUse { by } => Some(in_use(&p.change, by)),
     };
@@ -308,7 +332,7 @@ async fn execute(
         let ev = audit::event(
             &st.config.name,
             initiator,
-            p.target,
+            p.target.clone(),
             p.action,
             "failure",
             Some(("policy", err.code())),
@@ -329,7 +353,7 @@ async fn execute(
         trust_changed = report.changed.len(),
         "policy changed"
     );
-    Ok(report)
+    Ok(Some(report))
 }
 
 fn conflict(change: &PolicyChange, current: Option<u32>) -> Error {

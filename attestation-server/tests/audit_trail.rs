@@ -172,6 +172,7 @@ async fn attest(s: &Server, host: &str, trusted: bool, ttl: chrono::Duration) {
                 verified_pcrs: Some(&pcrs),
                 clock: None,
                 events: std::slice::from_ref(&ev),
+                policy_epoch: None,
             },
         )
         .await

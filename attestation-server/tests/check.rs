@@ -69,6 +69,7 @@ async fn store_verdict(state: &AppState, host: &str, trust: Trust) {
         verified_pcrs: None,
         clock: None,
         events: &[],
+        policy_epoch: None,
     };
     state.store.record_attestation(host, rec).await.unwrap();
 }

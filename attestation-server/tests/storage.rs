@@ -87,28 +87,28 @@ async fn policy_suite(s: Arc<dyn Store>) {
 
     let v1 = whitelist_version("fleet", 1, &"01".repeat(32), false);
     let applied = s
-        .apply_policy_change(&put(v1.clone(), None), &[], &policy_event(1))
+        .apply_policy_change(&put(v1.clone(), None), &[], &[], &policy_event(1))
         .await
         .unwrap();
     assert_eq!(applied, ApplyOutcome::Applied);
     // Creating it again, or editing from a stale version, is a conflict.
     let again = whitelist_version("fleet", 1, &"02".repeat(32), false);
     assert_eq!(
-        s.apply_policy_change(&put(again, None), &[], &policy_event(2))
+        s.apply_policy_change(&put(again, None), &[], &[], &policy_event(2))
             .await
             .unwrap(),
         ApplyOutcome::Conflict { current: Some(1) }
     );
     let v2 = whitelist_version("fleet", 2, &"02".repeat(32), false);
     assert_eq!(
-        s.apply_policy_change(&put(v2.clone(), Some(1)), &[], &policy_event(3))
+        s.apply_policy_change(&put(v2.clone(), Some(1)), &[], &[], &policy_event(3))
             .await
             .unwrap(),
         ApplyOutcome::Applied
     );
     let stale = whitelist_version("fleet", 2, &"03".repeat(32), false);
     assert_eq!(
-        s.apply_policy_change(&put(stale, Some(1)), &[], &policy_event(4))
+        s.apply_policy_change(&put(stale, Some(1)), &[], &[], &policy_event(4))
             .await
             .unwrap(),
         ApplyOutcome::Conflict { current: Some(2) }
@@ -138,13 +138,13 @@ async fn policy_suite(s: Arc<dyn Store>) {
         expected_version: None,
     };
     assert_eq!(
-        s.apply_policy_change(&put_group, &[], &policy_event(5))
+        s.apply_policy_change(&put_group, &[], &[], &policy_event(5))
             .await
             .unwrap(),
         ApplyOutcome::Applied
     );
     assert_eq!(
-        s.apply_policy_change(&put_group, &[], &policy_event(6))
+        s.apply_policy_change(&put_group, &[], &[], &policy_event(6))
             .await
             .unwrap(),
         ApplyOutcome::Conflict { current: Some(1) }
@@ -154,9 +154,50 @@ async fn policy_suite(s: Arc<dyn Store>) {
         add: vec!["p1".into()],
         remove: vec![],
     };
-    s.apply_policy_change(&members, &[], &policy_event(7))
+    s.apply_policy_change(&members, &["p1".to_string()], &[], &policy_event(7))
         .await
         .unwrap();
+    // The change bumped p1's policy epoch: a verdict judged before it is
+    // refused (nothing stored), one judged after is stored.
+    let p1 = s.host("p1").await.unwrap().unwrap();
+    assert_eq!(p1.policy_epoch, 1);
+    let verdict = HostTrust {
+        host: "p1".into(),
+        trust: Trust::Trusted,
+        verified_at: Some(now),
+        expires_at: Some(now + Duration::seconds(60)),
+        reasons: vec![],
+        policy: None,
+    };
+    let rec = |epoch| AttestationRecord {
+        verdict: &verdict,
+        verified_pcrs: None,
+        clock: None,
+        events: &[],
+        policy_epoch: Some(epoch),
+    };
+    assert!(!s.record_attestation("p1", rec(0)).await.unwrap());
+    assert!(s.host("p1").await.unwrap().unwrap().verdict.is_none());
+    assert!(s.record_attestation("p1", rec(1)).await.unwrap());
+    assert_eq!(
+        s.host("p1").await.unwrap().unwrap().verdict,
+        Some(verdict.clone())
+    );
+    // A re-judged verdict for evidence that is no longer the newest is Stale.
+    let older = HostTrust {
+        verified_at: Some(now - Duration::seconds(5)),
+        ..verdict.clone()
+    };
+    let rejudge = [Rejudged {
+        host: "p1".into(),
+        verdict: older,
+    }];
+    assert_eq!(
+        s.apply_policy_change(&members, &[], &rejudge, &policy_event(70))
+            .await
+            .unwrap(),
+        ApplyOutcome::Stale { host: "p1".into() }
+    );
     assert_eq!(
         s.host("p1").await.unwrap().unwrap().group.as_deref(),
         Some("edge")
@@ -177,7 +218,7 @@ async fn policy_suite(s: Arc<dyn Store>) {
     // Deleting a whitelist a group uses, or a group with hosts, is refused.
     let delete = whitelist_version("fleet", 3, &"00".repeat(32), true);
     assert_eq!(
-        s.apply_policy_change(&put(delete.clone(), Some(2)), &[], &policy_event(8))
+        s.apply_policy_change(&put(delete.clone(), Some(2)), &[], &[], &policy_event(8))
             .await
             .unwrap(),
         ApplyOutcome::InUse {
@@ -188,7 +229,7 @@ async fn policy_suite(s: Arc<dyn Store>) {
         name: "edge".into(),
     };
     assert_eq!(
-        s.apply_policy_change(&delete_group, &[], &policy_event(9))
+        s.apply_policy_change(&delete_group, &[], &[], &policy_event(9))
             .await
             .unwrap(),
         ApplyOutcome::InUse {
@@ -201,18 +242,18 @@ async fn policy_suite(s: Arc<dyn Store>) {
         add: vec![],
         remove: vec!["p1".into()],
     };
-    s.apply_policy_change(&out, &[], &policy_event(10))
+    s.apply_policy_change(&out, &[], &[], &policy_event(10))
         .await
         .unwrap();
     assert_eq!(s.host("p1").await.unwrap().unwrap().group, None);
     assert_eq!(
-        s.apply_policy_change(&delete_group, &[], &policy_event(11))
+        s.apply_policy_change(&delete_group, &[], &[], &policy_event(11))
             .await
             .unwrap(),
         ApplyOutcome::Applied
     );
     assert_eq!(
-        s.apply_policy_change(&put(delete, Some(2)), &[], &policy_event(12))
+        s.apply_policy_change(&put(delete, Some(2)), &[], &[], &policy_event(12))
             .await
             .unwrap(),
         ApplyOutcome::Applied
@@ -399,6 +440,7 @@ async fn suite(s: Arc<dyn Store>) {
             verified_pcrs: Some(&values),
             clock: Some(clock),
             events: &[event("n1", 9)],
+            policy_epoch: None,
         },
     )
     .await
@@ -427,6 +469,7 @@ async fn suite(s: Arc<dyn Store>) {
                 version: own.clone(),
                 expected_head: None,
             },
+            &["n1".to_string()],
             &[Rejudged {
                 host: "n1".into(),
                 verdict: trusted.clone(),
@@ -532,6 +575,7 @@ async fn suite(s: Arc<dyn Store>) {
             verified_pcrs: None,
             clock: None,
             events: &[],
+            policy_epoch: None,
         };
         s.record_attestation(host, rec).await.unwrap();
     }

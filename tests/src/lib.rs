@@ -209,6 +209,7 @@ impl Pool {
             verified_pcrs: None,
             clock: None,
             events: &[],
+            policy_epoch: None,
         };
         store.record_attestation(host, rec).await?;
         Ok(verdict)

@@ -39,6 +39,9 @@ CREATE TABLE group_whitelists (
 CREATE INDEX group_whitelists_by_whitelist ON group_whitelists(whitelist);
 
 ALTER TABLE hosts ADD COLUMN group_name TEXT REFERENCES host_groups(name);
+-- Bumped by every policy change that affects the host; an attestation judged
+-- against an older policy is judged again before it is stored.
+ALTER TABLE hosts ADD COLUMN policy_epoch BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX hosts_group ON hosts(group_name);
 
 ALTER TABLE verdicts ADD COLUMN policy TEXT;

@@ -46,6 +46,9 @@ pub struct HostRecord {
     pub ak_name: Option<String>,
     /// The host group whose whitelists judge this host.
     pub group: Option<String>,
+    /// Changes with every policy change that affects the host (see
+    /// [`AttestationRecord::policy_epoch`]).
+    pub policy_epoch: i64,
     /// PCR values of the last evidence that passed the integrity steps.
     pub last_pcrs: Option<PcrValues>,
     pub verdict: Option<HostTrust>,
@@ -122,6 +125,10 @@ pub struct AttestationRecord<'a> {
     pub clock: Option<ClockInfo>,
     /// Events to store with the verdict (the attestation, maybe a reboot).
     pub events: &'a [NewEvent],
+    /// The host's `policy_epoch` read before its policy was loaded: if a
+    /// policy change affected the host since, nothing is stored and
+    /// `record_attestation` answers false, so the verdict is judged again.
+    pub policy_epoch: Option<i64>,
 }
 
 // ---- whitelist policy (issue 4): types ----
@@ -172,6 +179,10 @@ pub enum ApplyOutcome {
     /// The whitelist is used by these groups, or the group has these hosts.
     InUse {
         by: Vec<String>,
+    },
+    /// A host attested while the change was being judged: judge again.
+    Stale {
+        host: String,
     },
 }
 
@@ -271,12 +282,13 @@ pub trait Store: Send + Sync + 'static {
         host: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<IssuedChallenge>, StoreError>;
-    /// Store a verdict and its event in one transaction.
+    /// Store a verdict and its event in one transaction; false (nothing
+    /// stored) when the policy changed since `rec.policy_epoch`.
     async fn record_attestation(
         &self,
         host: &str,
         rec: AttestationRecord<'_>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// Store an event that changes no other state.
     async fn record_event(&self, event: &NewEvent) -> Result<(), StoreError>;
 
@@ -301,10 +313,12 @@ pub trait Store: Send + Sync + 'static {
     /// What judges one host: its group and the newest version of every
     /// whitelist that applies to it (the group's and the host's own).
     async fn host_policy(&self, host: &str) -> Result<crate::verify::HostPolicy, StoreError>;
-    /// Apply a policy change with its event and re-judged verdicts in one transaction.
+    /// Apply a policy change with its event and re-judged verdicts in one
+    /// transaction, bumping the `policy_epoch` of every `affected` host.
     async fn apply_policy_change(
         &self,
         change: &PolicyChange,
+        affected: &[String],
         rejudged: &[Rejudged],
         event: &NewEvent,
     ) -> Result<ApplyOutcome, StoreError>;
@@ -582,7 +596,7 @@ macro_rules! sql_store {
                 let row = sqlx::query(
                     "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.group_name, h.last_pcrs, \
                      h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
-                     v.trust, v.verified_at, v.expires_at, v.reasons, v.policy \
+                     h.policy_epoch, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy \
                      FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1",
                 )
                 .bind(host)
@@ -608,6 +622,7 @@ macro_rules! sql_store {
                     ak_public: row.try_get("ak_public")?,
                     ak_name: row.try_get("ak_name")?,
                     group: row.try_get("group_name")?,
+                    policy_epoch: row.try_get("policy_epoch")?,
                     last_pcrs: last_pcrs.map(|p| $crate::store::from_json(host, "PCR values", &p)).transpose()?,
                     verdict,
                     ek_name: row.try_get("ek_name")?,
@@ -818,8 +833,21 @@ macro_rules! sql_store {
                 }))
             }
 
-            async fn record_attestation(&self, host: &str, rec: $crate::store::AttestationRecord<'_>) -> Result<(), $crate::store::StoreError> {
+            async fn record_attestation(&self, host: &str, rec: $crate::store::AttestationRecord<'_>) -> Result<bool, $crate::store::StoreError> {
                 let mut tx = self.pool.begin().await?;
+                if let Some(epoch) = rec.policy_epoch {
+                    // Locks the host row first (as policy changes do), so the
+                    // two cannot interleave: a change either came before this
+                    // judgement's policy was read, or this answers false.
+                    let same = sqlx::query("UPDATE hosts SET policy_epoch = policy_epoch WHERE name = $1 AND policy_epoch = $2")
+                        .bind(host)
+                        .bind(epoch)
+                        .execute(&mut *tx)
+                        .await?;
+                    if same.rows_affected() != 1 {
+                        return Ok(false);
+                    }
+                }
                 upsert_verdict(&mut tx, host, rec.verdict).await?;
                 if let Some(pcrs) = rec.verified_pcrs {
                     sqlx::query("UPDATE hosts SET last_pcrs = $1 WHERE name = $2")
@@ -841,7 +869,7 @@ macro_rules! sql_store {
                     insert_event(&mut tx, event).await?;
                 }
                 tx.commit().await?;
-                Ok(())
+                Ok(true)
             }
 
             async fn record_event(&self, event: &$crate::store::NewEvent) -> Result<(), $crate::store::StoreError> {
@@ -958,6 +986,7 @@ macro_rules! sql_store {
             async fn apply_policy_change(
                 &self,
                 change: &$crate::store::PolicyChange,
+                affected: &[String],
                 rejudged: &[$crate::store::Rejudged],
                 event: &$crate::store::NewEvent,
             ) -> Result<$crate::store::ApplyOutcome, $crate::store::StoreError> {
@@ -965,6 +994,16 @@ macro_rules! sql_store {
                 use sqlx::Row;
                 // Returning early drops the transaction: nothing is stored.
                 let mut tx = self.pool.begin().await?;
+                // Host rows first (the lock order of record_attestation).
+                let mut sorted: Vec<&String> = affected.iter().collect();
+                sorted.sort();
+                sorted.dedup();
+                for h in sorted {
+                    sqlx::query("UPDATE hosts SET policy_epoch = policy_epoch + 1 WHERE name = $1")
+                        .bind(h)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 match change {
                     PolicyChange::PutWhitelist { version: v, expected_head } => {
                         if v.deleted {
@@ -1111,8 +1150,9 @@ macro_rules! sql_store {
                     }
                 }
                 for r in rejudged {
-                    // Only if the host has not attested since it was judged again.
-                    sqlx::query("UPDATE verdicts SET trust = $1, reasons = $2, policy = $3 WHERE host = $4 AND verified_at = $5")
+                    // Only if the host has not attested since it was judged
+                    // again; if it has, the caller judges that newer evidence.
+                    let done = sqlx::query("UPDATE verdicts SET trust = $1, reasons = $2, policy = $3 WHERE host = $4 AND verified_at = $5")
                         .bind(r.verdict.trust.as_str())
                         .bind($crate::store::to_json(&r.verdict.reasons))
                         .bind(r.verdict.policy.as_ref().map($crate::store::to_json))
@@ -1120,6 +1160,9 @@ macro_rules! sql_store {
                         .bind($crate::store::micros(r.verdict.verified_at.unwrap_or_default()))
                         .execute(&mut *tx)
                         .await?;
+                    if done.rows_affected() != 1 {
+                        return Ok(ApplyOutcome::Stale { host: r.host.clone() });
+                    }
                 }
                 insert_event(&mut tx, event).await?;
                 tx.commit().await?;
