@@ -197,15 +197,6 @@ pub fn client(role: &str, name: &str) -> Resource {
     }
 }
 
-/// The whitelist of one host, as a CADF target.
-pub fn policy_target(host: &str) -> Resource {
-    Resource {
-        type_uri: "data/security/policy".into(),
-        id: cadf::resource_id("whitelist", host),
-        name: Some(format!("whitelist of {host}")),
-    }
-}
-
 /// A host's trust as the server reports it: `trusted`, `untrusted`, or
 /// `stale` once the verdict expired without new evidence.
 pub fn trust_state(v: &HostTrust, now: DateTime<Utc>) -> &'static str {
