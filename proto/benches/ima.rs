@@ -120,6 +120,13 @@ fn run_list(
             black_box(ima::verify(&e, policy, &start, HashAlg::Sha256).unwrap())
         })
     });
+    g.bench_function("verify_ascii (streaming)", |b| {
+        b.iter(|| {
+            black_box(
+                ima::verify_ascii(black_box(log), 1, policy, &start, HashAlg::Sha256).unwrap(),
+            )
+        })
+    });
     g.finish();
 }
 
