@@ -65,6 +65,15 @@ pub struct ServerConfig {
     pub push_ca: Option<PathBuf>,
     /// OpenAttestation-compatible listener for OpenStack Nova's TrustedFilter.
     pub oat: OatConfig,
+    /// Most TLS connections served at once; more clients wait in the
+    /// kernel's listen backlog until one closes.
+    pub max_connections: usize,
+    /// Longest time one request may take, reading its body included
+    /// (`408 request_timeout` after): a slow client cannot hold a worker.
+    pub request_timeout_secs: u64,
+    /// `text` (default) or `json`: one JSON object per log line, carrying
+    /// the request id of the request it belongs to.
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// The `[oat]` section: the PollHosts listener (off unless `listen` is set).
@@ -129,6 +138,9 @@ impl Default for ServerConfig {
             token_ttl_secs: 300,
             push_ca: None,
             oat: OatConfig::default(),
+            max_connections: 4096,
+            request_timeout_secs: 30,
+            log_format: crate::logging::LogFormat::Text,
         }
     }
 }
@@ -223,6 +235,12 @@ impl ServerConfig {
         }
         if self.max_body_bytes < 1024 {
             return bad("max_body_bytes", "must be at least 1024".into());
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1".into());
+        }
+        if self.request_timeout_secs == 0 {
+            return bad("request_timeout_secs", "must be at least 1".into());
         }
         let url = &self.database_url.0;
         if !(url.starts_with("sqlite:")

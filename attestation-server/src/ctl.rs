@@ -190,10 +190,11 @@ impl CtlConfig {
                 }
             }
         }
-        if !cfg.server_url.starts_with("https://") {
+        let urls = proto::client::server_urls(&cfg.server_url);
+        if urls.is_empty() || !urls.iter().all(|u| u.starts_with("https://")) {
             return Err(Error::Config {
                 key: "server_url".into(),
-                problem: "must be an https:// URL".into(),
+                problem: "must be an https:// URL, or several separated by commas".into(),
             });
         }
         Ok(cfg)

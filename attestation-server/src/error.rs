@@ -106,6 +106,8 @@ pub enum Error {
     Storage(#[from] StoreError),
     #[error("no such API route")]
     NotFound,
+    #[error("the request took longer than {secs} s")]
+    RequestTimeout { secs: u64 },
     #[error("this API route does not take that method")]
     MethodNotAllowed,
     #[error("I/O error on {path}: {source}")]
@@ -178,6 +180,7 @@ impl Error {
             NotEnrolled { .. } | NoEvidence(_) => StatusCode::CONFLICT,
             UnknownHost(_) | NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Storage(_) | PolicyChanging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Config { .. } | TlsSetup(_) | Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             OatUnauthorized => StatusCode::UNAUTHORIZED,
@@ -241,6 +244,7 @@ impl Error {
             Storage(_) => "storage_unavailable",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
+            RequestTimeout { .. } => "request_timeout",
             Io { .. } => "io_error",
             OatUnauthorized => "oat_auth_failed",
             TooMany { .. } => "too_many",

@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod ekcert;
 pub mod enroll;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 pub mod oat;
 pub mod pki;
@@ -127,10 +128,19 @@ pub async fn serve(
         background.spawn(oat::serve(oat_listener, state.clone(), stop_rx.clone()));
     }
 
-    let app = api::router(state.clone()).layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        audit::tasks::audit_refusals,
-    ));
+    let app = api::router(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::tasks::audit_refusals,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_deadline,
+        ))
+        .layer(axum::middleware::from_fn(logging::request_id));
+    // At most max_connections at once: when all are taken, accepting
+    // pauses and new clients wait in the kernel's backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     let acceptor = TlsAcceptor::from(state.tls.clone());
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -138,7 +148,12 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
+            slot = slots.clone().acquire_owned() => {
+                let Ok(slot) = slot else { break };
+                let accepted = tokio::select! {
+                    _ = &mut shutdown => break,
+                    a = listener.accept() => a,
+                };
                 let (tcp, _addr) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -149,7 +164,11 @@ pub async fn serve(
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                connections.spawn(serve_connection(tcp, acceptor.clone(), app.clone(), stop_rx.clone()));
+                let serve = serve_connection(tcp, acceptor.clone(), app.clone(), stop_rx.clone());
+                connections.spawn(async move {
+                    serve.await;
+                    drop(slot);
+                });
             }
         }
     }
@@ -162,6 +181,24 @@ pub async fn serve(
         tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
     }
     Ok(())
+}
+
+/// Middleware: a request (its body included) gets `request_timeout_secs`,
+/// then `408 request_timeout`; a slow client cannot hold a worker forever.
+async fn request_deadline(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let limit = Duration::from_secs(state.config.request_timeout_secs);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => Error::RequestTimeout {
+            secs: state.config.request_timeout_secs,
+        }
+        .into_response(),
+    }
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

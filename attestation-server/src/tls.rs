@@ -79,6 +79,13 @@ pub fn server_config(tls: &ServerTls) -> Result<rustls::ServerConfig, Error> {
         .with_single_cert(certs, key)
         .map_err(|e| err("server certificate and key", &e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Stateless TLS 1.3 session tickets (keys rotated every 6 hours, kept in
+    // memory only): an agent that reconnects resumes without a full
+    // handshake, whatever the pool's size; a stateful cache would have to
+    // hold every host. A resumed session keeps the client certificate it
+    // was made with, so roles and identities are unchanged.
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|e| err("session ticketer", &e))?;
     Ok(config)
 }
 

@@ -284,7 +284,7 @@ async fn every_event_kind_is_emitted_queryable_and_cadf() {
     for k in [
         "host.create",
         "host.authenticate",
-        "whitelist.update",
+        "whitelist.create",
         "host.update",
         "access_denied",
         "attestation",

@@ -52,6 +52,7 @@ fn whitelist_version(name: &str, version: u32, pcr0: &str, deleted: bool) -> Whi
                     HashAlg::Sha256,
                     BTreeMap::from([(0u8, vec![pcr0.to_string()])]),
                 )]),
+                ..Part::default()
             },
         )]),
         deleted,
@@ -276,6 +277,63 @@ async fn policy_suite(s: Arc<dyn Store>) {
         bodies,
         [1, 3, 5, 7, 10, 11, 12].map(|n| format!("{{\"policy\":{n}}}"))
     );
+}
+
+/// Several servers share one PostgreSQL: a nonce issued by one is accepted
+/// once by any, and a second use is a replay on every server, also when the
+/// two race for it.
+async fn two_servers_one_database(url: &str) {
+    let a = store::open(url).await.unwrap();
+    let b = store::open(url).await.unwrap();
+    let now = Utc::now()
+        .duration_trunc(Duration::microseconds(1))
+        .unwrap();
+    a.register_host("x1", now).await.unwrap();
+    let ch = NewChallenge {
+        nonce: "cd".repeat(32),
+        host: "x1".into(),
+        selection: [(HashAlg::Sha256, vec![0])].into_iter().collect(),
+        issued_at: now,
+        expires_at: now + Duration::seconds(60),
+    };
+    a.insert_challenge(&ch).await.unwrap();
+    let at_b = b
+        .take_challenge(&ch.nonce, "x1", now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!at_b.used_before, "server B accepts server A's nonce");
+    let again_at_a = a
+        .take_challenge(&ch.nonce, "x1", now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again_at_a.used_before, "and server A then sees it used");
+    // Racing: 16 takes of one fresh nonce split over both servers; exactly one wins.
+    let ch2 = NewChallenge {
+        nonce: "ef".repeat(32),
+        ..ch
+    };
+    b.insert_challenge(&ch2).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let nonce = ch2.nonce.clone();
+        tasks.push(tokio::spawn(async move {
+            s.take_challenge(&nonce, "x1", now)
+                .await
+                .unwrap()
+                .unwrap()
+                .used_before
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        if !t.await.unwrap() {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1, "exactly one server consumed the nonce");
 }
 
 async fn suite(s: Arc<dyn Store>) {
@@ -634,6 +692,7 @@ async fn storage_suite_on_postgres() {
     let result = tokio::spawn(async move {
         suite(store::open(&url).await.unwrap()).await;
         policy_suite(store::open(&url).await.unwrap()).await;
+        two_servers_one_database(&url).await;
         // Reopening (a second server starting) finds the schema migrated.
         let again = store::open(&url).await.unwrap();
         assert!(again.host("n1").await.unwrap().is_some());

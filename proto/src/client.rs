@@ -114,11 +114,27 @@ pub fn rustls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, ClientErr
         .map_err(|e| ClientError::Tls(format!("client certificate and key do not match: {e}")))
 }
 
-/// A JSON API client bound to one server.
+/// A JSON API client of one server, or of several that share one pool
+/// (one PostgreSQL): `base_url` may list them separated by commas.
+///
+/// A request goes to the server that last answered; if that one cannot be
+/// reached (the request was never sent) or answers 503, the next one is
+/// tried, so a client fails over without sending a request twice.
 #[derive(Clone)]
 pub struct ApiClient {
     http: reqwest::Client,
-    base: String,
+    bases: Arc<Vec<String>>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The server URLs of a `server_url` setting: one URL, or several
+/// separated by commas (whitespace around them is ignored).
+pub fn server_urls(setting: &str) -> Vec<String> {
+    setting
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 impl ApiClient {
@@ -130,14 +146,24 @@ impl ApiClient {
             .connect_timeout(timeout)
             .build()
             .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let bases = server_urls(base_url);
+        if bases.is_empty() {
+            return Err(ClientError::Tls("no server URL given".into()));
+        }
         Ok(Self {
             http,
-            base: base_url.trim_end_matches('/').to_string(),
+            bases: Arc::new(bases),
+            current: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
+    /// The server requests go to now.
     pub fn base_url(&self) -> &str {
-        &self.base
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.bases
+            .get(i % self.bases.len().max(1))
+            .map(String::as_str)
+            .unwrap_or_default()
     }
 
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
@@ -170,29 +196,83 @@ impl ApiClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<R, ClientError> {
-        let url = format!("{}{}", self.base, path);
+        use std::sync::atomic::Ordering;
+        let n = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..n {
+            let i = (first + step) % n;
+            let Some(base) = self.bases.get(i) else { break };
+            match self.call_one(base, method.clone(), path, body).await {
+                Err(Failover(e)) => last = Some(e),
+                Ok(answer) => {
+                    if step > 0 {
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return answer;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Tls("no server URL given".into())))
+    }
+
+    /// One server: `Err(Failover)` when another server should be tried.
+    async fn call_one<B: Serialize, R: DeserializeOwned>(
+        &self,
+        base: &str,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Result<R, ClientError>, Failover> {
+        let url = format!("{base}{path}");
         let mut req = self.http.request(method, &url);
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Transport {
-            url: url.clone(),
-            detail: error_chain(&e),
-        })?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let err = ClientError::Transport {
+                    url: url.clone(),
+                    detail: error_chain(&e),
+                };
+                // Only a request that never reached the server is safe to
+                // send to another one.
+                return if e.is_connect() {
+                    Err(Failover(err))
+                } else {
+                    Ok(Err(err))
+                };
+            }
+        };
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport {
-            url: url.clone(),
-            detail: error_chain(&e),
-        })?;
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Ok(Err(ClientError::Transport {
+                    url: url.clone(),
+                    detail: error_chain(&e),
+                }))
+            }
+        };
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            return Ok(serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
                 url,
                 detail: e.to_string(),
-            });
+            }));
         }
-        Err(api_error(status, &bytes))
+        let err = api_error(status, &bytes);
+        // 503: that server cannot serve now (its database is away); it did
+        // nothing, so another may.
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return Err(Failover(err));
+        }
+        Ok(Err(err))
     }
 }
+
+/// A failure after which the next server is tried.
+struct Failover(ClientError);
 
 fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(bytes) {

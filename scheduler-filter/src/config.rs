@@ -192,9 +192,19 @@ impl FilterConfig {
     }
 }
 
+/// One or several (comma-separated, tried in order on failure) servers of
+/// one pool, each `https://host[:port][/path]`.
+fn check_server_url(setting: &str) -> Result<(), String> {
+    let urls = proto::client::server_urls(setting);
+    if urls.is_empty() {
+        return Err("names no server".into());
+    }
+    urls.iter().try_for_each(|u| check_one_url(u))
+}
+
 /// Only `https://host[:port][/path]`: the filter never speaks plain HTTP and
 /// a query string or credentials in the URL would be mangled by the client.
-fn check_server_url(raw: &str) -> Result<(), String> {
+fn check_one_url(raw: &str) -> Result<(), String> {
     let url = reqwest::Url::parse(raw).map_err(|e| format!("not a URL ({e}): {raw:?}"))?;
     if url.scheme() != "https" {
         return Err(format!("must use https, got {}://", url.scheme()));

@@ -153,6 +153,16 @@ impl Pool {
         Ok(())
     }
 
+    /// Kill the server abruptly (its task aborted mid-request, as a crash
+    /// would), keeping the pool's files for other servers and agents.
+    pub async fn kill_server(&mut self) {
+        self.stop.take();
+        if let Some(h) = self.server.take() {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

@@ -79,7 +79,7 @@ async fn a_real_host_leaves_a_complete_cadf_trail() -> anyhow::Result<()> {
         "host.create",       // enrollment (pending)
         "host.authenticate", // credential activation
         "attestation",
-        "whitelist.update",
+        "whitelist.create", // the host's own whitelist, version 1
         "trust_change",
         "access_denied",
     ] {

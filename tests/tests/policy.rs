@@ -390,3 +390,113 @@ async fn rolling_firmware_upgrade_with_versioned_whitelists() -> anyhow::Result<
     pool.stop_and_dump_cadf("policy").await?;
     Ok(())
 }
+
+/// The attestctl verbs on a running server: Keylime tpm_policy import,
+/// export and import between names, diff, and the refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestctl_imports_exports_and_diffs_whitelists() -> anyhow::Result<()> {
+    use attestation_server::ctl::{self, Cli, CtlError};
+    use clap::Parser;
+    let pool = Pool::start(&[("node1", "device:/dev/null".to_string())], 30, |_| {}).await?;
+    let config = pool.path("admin-test.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server_url = \"{}\"\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n",
+            pool.url
+        ),
+    )?;
+    let run = |args: Vec<String>| {
+        let mut all = vec![
+            "attestctl".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        all.extend(args);
+        ctl::run(Cli::try_parse_from(all).unwrap())
+    };
+    let args = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+    let keylime = pool.path("tpm_policy.json");
+    std::fs::write(
+        &keylime,
+        format!(r#"{{"mask":"0x408000","15":["{a}","{b}"],"22":"{a}"}}"#),
+    )?;
+
+    let report = run(args(&format!(
+        "whitelist import-keylime kl --file {} --part platform",
+        keylime.display()
+    )))
+    .await?;
+    assert_eq!(report["applied"], true);
+    assert_eq!(report["whitelist"]["version"], 1);
+    let pcrs = &report["whitelist"]["parts"]["platform"]["pcrs"]["sha256"];
+    assert_eq!(pcrs["15"], json!([a, b]));
+    assert_eq!(pcrs["22"], json!([a]));
+
+    // Export, then import under another name: the same parts.
+    let file = pool.path("kl.json");
+    run(args(&format!(
+        "whitelist export kl --out {}",
+        file.display()
+    )))
+    .await?;
+    let copy = run(args(&format!(
+        "whitelist import {} --name kl2",
+        file.display()
+    )))
+    .await?;
+    assert_eq!(copy["whitelist"]["parts"], report["whitelist"]["parts"]);
+    // Importing over an existing whitelist needs the version it replaces.
+    let err = run(args(&format!("whitelist import {}", file.display())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CtlError::Client(ClientError::Api { code, .. }) if code == "whitelist_exists"),
+        "{err}"
+    );
+    // A new version from an edited file, then the diff between the two.
+    let edited = std::fs::read_to_string(&file)?.replace(&b, &"cc".repeat(32));
+    std::fs::write(&file, edited)?;
+    let v2 = run(args(&format!(
+        "whitelist import {} --base-version 1",
+        file.display()
+    )))
+    .await?;
+    assert_eq!(v2["whitelist"]["version"], 2);
+    let diff = run(args("whitelist diff kl 1 2")).await?;
+    assert_eq!(diff["changes"][0]["pcr"], 15);
+    assert_eq!(diff["changes"][0]["added"], json!(["cc".repeat(32)]));
+    assert_eq!(diff["changes"][0]["removed"], json!([b]));
+    let history = run(args("whitelist history kl")).await?;
+    assert_eq!(history.as_array().map(Vec::len), Some(2));
+
+    // A Keylime file that disagrees with itself is refused before any call.
+    std::fs::write(&keylime, format!(r#"{{"mask":"0x1","15":["{a}"]}}"#))?;
+    let err = run(args(&format!(
+        "whitelist import-keylime kl --file {} --part platform --base-version 2",
+        keylime.display()
+    )))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, CtlError::Input { .. }), "{err}");
+
+    // Groups from the CLI; deleting a used whitelist names the group.
+    run(args("group set g1 --whitelist kl,kl2 --require platform")).await?;
+    let err = run(args("whitelist delete kl2")).await.unwrap_err();
+    assert!(err.to_string().contains("g1"), "{err}");
+    let shown = run(args("group show g1")).await?;
+    assert_eq!(shown["whitelists"], json!(["kl", "kl2"]));
+    assert_eq!(shown["match_policy"]["platform"], "required");
+    run(args("group set g1 --whitelist kl --base-version 1")).await?;
+    let deleted = run(args("whitelist delete kl2")).await?;
+    assert_eq!(deleted["whitelist"]["deleted"], true);
+    let list = run(args("whitelist list")).await?;
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["name"] == "kl2" && w["deleted"] == true));
+    pool.stop_and_dump_cadf("policy-cli").await?;
+    Ok(())
+}

@@ -18,11 +18,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let config = match ServerConfig::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -30,6 +25,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    attestation_server::logging::init(config.log_format);
     match attestation_server::run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

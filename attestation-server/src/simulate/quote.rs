@@ -112,6 +112,8 @@ pub fn quote(
         attest: B64.encode(attest),
         signature: B64.encode(signature),
         pcrs,
+        uefi_log: None,
+        ima: None,
     })
 }
 
@@ -135,6 +137,8 @@ pub fn garbage(nonce_hex: &str, sel: &PcrSelection) -> Evidence {
         attest: B64.encode(attest),
         signature: B64.encode(signature),
         pcrs,
+        uefi_log: None,
+        ima: None,
     }
 }
 

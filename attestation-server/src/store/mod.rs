@@ -61,6 +61,11 @@ pub struct HostRecord {
     pub rekey_allowed: bool,
     /// The TPM clock of the last genuine quote.
     pub clock: Option<ClockInfo>,
+    /// Incremental IMA verification state (see `verify::HostImaState`).
+    pub ima_state: Option<crate::verify::HostImaState>,
+    /// The UEFI event log of the last genuine evidence that carried one,
+    /// kept so that a policy change can judge boot policies again.
+    pub last_uefi_log: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +134,14 @@ pub struct AttestationRecord<'a> {
     /// policy change affected the host since, nothing is stored and
     /// `record_attestation` answers false, so the verdict is judged again.
     pub policy_epoch: Option<i64>,
+}
+
+/// The event-log state to store with a genuine attestation (same
+/// transaction); `None` fields leave the stored value as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogRecord<'a> {
+    pub ima_state: Option<&'a crate::verify::HostImaState>,
+    pub uefi_log: Option<&'a [u8]>,
 }
 
 // ---- whitelist policy (issue 4): types ----
@@ -288,6 +301,17 @@ pub trait Store: Send + Sync + 'static {
         &self,
         host: &str,
         rec: AttestationRecord<'_>,
+    ) -> Result<bool, StoreError> {
+        self.record_attestation_with_logs(host, rec, LogRecord::default())
+            .await
+    }
+    /// [`record_attestation`](Self::record_attestation), also storing the
+    /// host's event-log state in the same transaction.
+    async fn record_attestation_with_logs(
+        &self,
+        host: &str,
+        rec: AttestationRecord<'_>,
+        logs: LogRecord<'_>,
     ) -> Result<bool, StoreError>;
     /// Store an event that changes no other state.
     async fn record_event(&self, event: &NewEvent) -> Result<(), StoreError>;
@@ -596,7 +620,7 @@ macro_rules! sql_store {
                 let row = sqlx::query(
                     "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.group_name, h.last_pcrs, \
                      h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
-                     h.policy_epoch, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy \
+                     h.policy_epoch, h.ima_state, h.last_uefi_log, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy \
                      FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1",
                 )
                 .bind(host)
@@ -604,6 +628,7 @@ macro_rules! sql_store {
                 .await?;
                 let Some(row) = row else { return Ok(None) };
                 let last_pcrs: Option<String> = row.try_get("last_pcrs")?;
+                let ima_state: Option<String> = row.try_get("ima_state")?;
                 let trust: Option<String> = row.try_get("trust")?;
                 let verdict = match trust {
                     Some(t) => Some($crate::store::verdict_from_parts(
@@ -642,6 +667,8 @@ macro_rules! sql_store {
                         }),
                         _ => None,
                     },
+                    ima_state: ima_state.map(|s| $crate::store::from_json(host, "IMA state", &s)).transpose()?,
+                    last_uefi_log: row.try_get("last_uefi_log")?,
                 }))
             }
 
@@ -735,6 +762,14 @@ macro_rules! sql_store {
             ) -> Result<$crate::store::ActivateOutcome, $crate::store::StoreError> {
                 use sqlx::Row;
                 let mut tx = self.pool.begin().await?;
+                // Write first: a SQLite transaction that reads and then writes
+                // fails at once (SQLITE_BUSY) if another writer committed in
+                // between; one that starts with a write waits its turn.
+                sqlx::query("INSERT INTO hosts (name, registered_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+                    .bind(&e.host)
+                    .bind($crate::store::micros(event.time))
+                    .execute(&mut *tx)
+                    .await?;
                 let other = sqlx::query("SELECT name FROM hosts WHERE ek_name = $1 AND name <> $2")
                     .bind(&e.ek_name)
                     .bind(&e.host)
@@ -743,11 +778,6 @@ macro_rules! sql_store {
                 if let Some(r) = other {
                     return Ok($crate::store::ActivateOutcome::EkInUse { host: r.try_get("name")? });
                 }
-                sqlx::query("INSERT INTO hosts (name, registered_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
-                    .bind(&e.host)
-                    .bind($crate::store::micros(event.time))
-                    .execute(&mut *tx)
-                    .await?;
                 // A new AK starts a new clock history.
                 sqlx::query(
                     "UPDATE hosts SET ek_public = $1, ek_name = $2, ek_certified = $3, ak_public = $4, ak_name = $5, \
@@ -833,7 +863,7 @@ macro_rules! sql_store {
                 }))
             }
 
-            async fn record_attestation(&self, host: &str, rec: $crate::store::AttestationRecord<'_>) -> Result<bool, $crate::store::StoreError> {
+            async fn record_attestation_with_logs(&self, host: &str, rec: $crate::store::AttestationRecord<'_>, logs: $crate::store::LogRecord<'_>) -> Result<bool, $crate::store::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 if let Some(epoch) = rec.policy_epoch {
                     // Locks the host row first (as policy changes do), so the
@@ -861,6 +891,20 @@ macro_rules! sql_store {
                         .bind(c.clock as i64)
                         .bind(i64::from(c.reset_count))
                         .bind(i64::from(c.restart_count))
+                        .bind(host)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let Some(state) = logs.ima_state {
+                    sqlx::query("UPDATE hosts SET ima_state = $1 WHERE name = $2")
+                        .bind($crate::store::to_json(state))
+                        .bind(host)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                if let Some(log) = logs.uefi_log {
+                    sqlx::query("UPDATE hosts SET last_uefi_log = $1 WHERE name = $2")
+                        .bind(log)
                         .bind(host)
                         .execute(&mut *tx)
                         .await?;
