@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Fault: the server is killed with SIGKILL under load (issue 9, "kill -9 of
+# the server under load: nothing acknowledged is lost, restart is clean").
+#
+# A fleet of simulated hosts attests against a real server (SQLite by
+# default, or PostgreSQL with BACKEND=postgres). Mid-run the server gets
+# SIGKILL, stays down a moment and is started again on the same database;
+# the fleet keeps going (it retries). Afterwards every attestation the fleet
+# saw acknowledged (an HTTP 200 verdict) must be in the database as a CADF
+# attestation event, the hash chain must verify, and the restarted server
+# must be ready. Prints one JSON line; exits 1 on any loss.
+#
+#   cargo build --release -p attestation-server && bash tests/faults/kill9.sh
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BIN=$(cd "${BIN:-$ROOT/target/release}" && pwd)
+HOSTS=${HOSTS:-300}
+DURATION=${DURATION:-20}
+KILL_AFTER=${KILL_AFTER:-8}
+DOWN_SECS=${DOWN_SECS:-2}
+BACKEND=${BACKEND:-sqlite}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+PORT=${PORT:-18977}
+export RUST_LOG=${RUST_LOG:-warn}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/attest-kill9.XXXXXX")
+SERVER_PID=""
+DB=""
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    [ -n "$DB" ] && psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+# KEEP=1 keeps the pool directory (server.log, the database) for a look.
+[ -n "${KEEP:-}" ] && trap - EXIT
+
+dir=$WORK/pool
+"$BIN/attestctl" init --out "$dir" --server-port "$PORT" --host placeholder --interval 1 > /dev/null
+ek_ca=$("$BIN/attestctl" simulate --dir "$dir" --hosts "$HOSTS" --prepare-only \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["ek_ca"])')
+sed -i "s|^ek_ca = \[\]|ek_ca = [\"$ek_ca\"]|" "$dir/server.toml"
+if [ "$BACKEND" = postgres ]; then
+    DB=attest_kill9_$$
+    psql -q "$PG/postgres" -c "CREATE DATABASE $DB" >/dev/null
+    sed -i "s|^database_url = .*|database_url = \"$PG/$DB\"|" "$dir/server.toml"
+fi
+
+start_server() {
+    (cd "$dir" && exec "$BIN/attestation-server" --config server.toml) >> "$dir/server.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 1 100); do
+        curl -ksf "https://127.0.0.1:$PORT/readyz" > /dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "server did not become ready" >&2
+    return 1
+}
+count_attestations() {
+    "$BIN/attestctl" audit export --server-config "$dir/server.toml" --out "$dir/export.jsonl" > /dev/null
+    python3 - "$dir/export.jsonl" <<'PY'
+import json, sys
+n = 0
+for line in open(sys.argv[1]):
+    rec = json.loads(line)
+    body = rec.get("event") or rec.get("body") or rec
+    if isinstance(body, str):
+        body = json.loads(body)
+    if body.get("action") == "evaluate" and body.get("outcome") == "success":
+        n += 1
+print(n)
+PY
+}
+
+start_server
+"$BIN/attestctl" simulate --dir "$dir" --hosts "$HOSTS" --enroll-only > "$dir/enroll.json"
+before=$(count_attestations)
+
+"$BIN/attestctl" simulate --dir "$dir" --hosts "$HOSTS" --interval 1 --duration "$DURATION" \
+    --concurrency 32 > "$dir/run.json" &
+SIM_PID=$!
+sleep "$KILL_AFTER"
+kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+killed_at=$(date +%s.%N)
+sleep "$DOWN_SECS"
+start_server
+restarted_in=$(python3 -c "import time; print(round(time.time() - $killed_at, 2))")
+wait "$SIM_PID"
+
+after=$(count_attestations)
+verify=$("$BIN/attestctl" audit verify "$dir/export.jsonl" --public-key "$dir/token-signing.key" 2>&1 && echo ok || echo failed)
+python3 - "$dir/run.json" "$before" "$after" "$restarted_in" "$verify" "$BACKEND" <<'PY'
+import json, sys
+run = json.load(open(sys.argv[1]))
+before, after = int(sys.argv[2]), int(sys.argv[3])
+acked = run["attestations"]
+stored = after - before
+ok = stored >= acked and sys.argv[5].strip().endswith("ok")
+print(json.dumps({
+    "fault": "kill -9 under load", "backend": sys.argv[6],
+    "acknowledged": acked, "stored_during_run": stored,
+    "errors_during_outage": run["errors"], "restart_to_ready_secs": float(sys.argv[4]),
+    "chain_verify": sys.argv[5].strip().splitlines()[-1], "lost": max(0, acked - stored), "pass": ok,
+}))
+sys.exit(0 if ok else 1)
+PY
