@@ -92,6 +92,39 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
         })
         .await?;
 
+    // Attack: evidence for a nonce server A issued, accepted once at B,
+    // then replayed at A: refused there as a replay (one nonce table).
+    let agent_cfg = pool.agent_config("node1")?;
+    let worker = host_agent::tpm::Tpm::start(&tpm.tcti(), agent_cfg.ak_type, &agent_cfg.state_dir)?;
+    let agent_a = pool.client("agent-node1")?;
+    let agent_b = ApiClient::new(&url_b, &pool.files("agent-node1"), Duration::from_secs(10))?;
+    let ch: proto::wire::Challenge = agent_a
+        .post("/v1/agents/node1/challenge", &serde_json::json!({}))
+        .await?;
+    let q = worker
+        .quote(&hex::decode(&ch.nonce)?, &ch.pcr_selection)
+        .await?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let evidence = proto::wire::Evidence {
+        nonce: ch.nonce.clone(),
+        attest: base64::Engine::encode(&b64, &q.attest),
+        signature: base64::Engine::encode(&b64, &q.signature),
+        pcrs: q.pcrs,
+        uefi_log: None,
+        ima: None,
+    };
+    let at_b: HostTrust = agent_b.post("/v1/agents/node1/evidence", &evidence).await?;
+    assert_eq!(at_b.trust, Trust::Trusted, "B accepts A's nonce: {at_b:?}");
+    let replay = agent_a
+        .post::<_, HostTrust>("/v1/agents/node1/evidence", &evidence)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&replay, proto::client::ClientError::Api { status: 422, code, .. } if code == "nonce_replayed"),
+        "{replay}"
+    );
+    worker.shutdown().await;
+
     // Kill A mid-run. The agent's next attestation finds A unreachable and
     // goes to B by itself.
     pool.kill_server().await;
