@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# Fault: the server is killed with SIGKILL under load (issue 9, "kill -9 of
-# the server under load: nothing acknowledged is lost, restart is clean").
+# Faults under load (issues 8 and 9). A fleet of simulated hosts attests
+# against a real server; mid-run one fault is injected:
 #
-# A fleet of simulated hosts attests against a real server (SQLite by
-# default, or PostgreSQL with BACKEND=postgres). Mid-run the server gets
-# SIGKILL, stays down a moment and is started again on the same database;
-# the fleet keeps going (it retries). Afterwards every attestation the fleet
+#   kill9       the server gets SIGKILL, stays down DOWN_SECS, is started
+#               again on the same database (SQLite by default,
+#               BACKEND=postgres for PostgreSQL)
+#   pg-restart  the PostgreSQL cluster is stopped for DOWN_SECS and started
+#               again (needs root and pg_ctlcluster; BACKEND is postgres);
+#               the server must answer 503 storage_unavailable meanwhile and
+#               recover by itself
+#
+# The fleet keeps going (it retries). Afterwards every attestation the fleet
 # saw acknowledged (an HTTP 200 verdict) must be in the database as a CADF
-# attestation event, the hash chain must verify, and the restarted server
-# must be ready. Prints one JSON line; exits 1 on any loss.
+# attestation event, the hash chain must verify, and the server must be
+# ready. Prints one JSON line; exits 1 on any loss.
 #
-#   cargo build --release -p attestation-server && bash tests/faults/kill9.sh
+#   cargo build --release -p attestation-server
+#   bash tests/faults/under-load.sh kill9
+#   BACKEND=postgres bash tests/faults/under-load.sh pg-restart
 set -euo pipefail
+FAULT=${1:-kill9}
+case "$FAULT" in
+    kill9) ;;
+    pg-restart) BACKEND=postgres ;;
+    *) echo "unknown fault $FAULT (kill9, pg-restart)" >&2; exit 2 ;;
+esac
+PG_CLUSTER=${PG_CLUSTER:-15 main}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$(cd "${BIN:-$ROOT/target/release}" && pwd)
 HOSTS=${HOSTS:-300}
@@ -22,17 +36,16 @@ BACKEND=${BACKEND:-sqlite}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 PORT=${PORT:-18977}
 export RUST_LOG=${RUST_LOG:-warn}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/attest-kill9.XXXXXX")
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/attest-fault.XXXXXX")
 SERVER_PID=""
 DB=""
 cleanup() {
     if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
     [ -n "$DB" ] && psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
-    rm -rf "$WORK"
+    # KEEP=1 keeps the pool directory (server.log, the database) for a look.
+    if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
 }
 trap cleanup EXIT
-# KEEP=1 keeps the pool directory (server.log, the database) for a look.
-[ -n "${KEEP:-}" ] && trap - EXIT
 
 dir=$WORK/pool
 "$BIN/attestctl" init --out "$dir" --server-port "$PORT" --host placeholder --interval 1 > /dev/null
@@ -40,7 +53,7 @@ ek_ca=$("$BIN/attestctl" simulate --dir "$dir" --hosts "$HOSTS" --prepare-only \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["ek_ca"])')
 sed -i "s|^ek_ca = \[\]|ek_ca = [\"$ek_ca\"]|" "$dir/server.toml"
 if [ "$BACKEND" = postgres ]; then
-    DB=attest_kill9_$$
+    DB=attest_fault_$$
     psql -q "$PG/postgres" -c "CREATE DATABASE $DB" >/dev/null
     sed -i "s|^database_url = .*|database_url = \"$PG/$DB\"|" "$dir/server.toml"
 fi
@@ -79,26 +92,38 @@ before=$(count_attestations)
     --concurrency 32 > "$dir/run.json" &
 SIM_PID=$!
 sleep "$KILL_AFTER"
-kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 killed_at=$(date +%s.%N)
-sleep "$DOWN_SECS"
-start_server
+if [ "$FAULT" = kill9 ]; then
+    kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+    sleep "$DOWN_SECS"
+    start_server
+else
+    # shellcheck disable=SC2086
+    pg_ctlcluster $PG_CLUSTER stop -m fast
+    sleep "$DOWN_SECS"
+    # shellcheck disable=SC2086
+    pg_ctlcluster $PG_CLUSTER start
+    for _ in $(seq 1 100); do
+        curl -ksf "https://127.0.0.1:$PORT/readyz" > /dev/null 2>&1 && break
+        sleep 0.1
+    done
+fi
 restarted_in=$(python3 -c "import time; print(round(time.time() - $killed_at, 2))")
 wait "$SIM_PID"
 
 after=$(count_attestations)
 verify=$("$BIN/attestctl" audit verify "$dir/export.jsonl" --public-key "$dir/token-signing.key" 2>&1 && echo ok || echo failed)
-python3 - "$dir/run.json" "$before" "$after" "$restarted_in" "$verify" "$BACKEND" <<'PY'
+python3 - "$dir/run.json" "$before" "$after" "$restarted_in" "$verify" "$BACKEND" "$FAULT" <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))
 before, after = int(sys.argv[2]), int(sys.argv[3])
 acked = run["attestations"]
 stored = after - before
-ok = stored >= acked and sys.argv[5].strip().endswith("ok")
+ok = acked > 0 and stored >= acked and sys.argv[5].strip().endswith("ok")
 print(json.dumps({
-    "fault": "kill -9 under load", "backend": sys.argv[6],
+    "fault": sys.argv[7], "backend": sys.argv[6],
     "acknowledged": acked, "stored_during_run": stored,
-    "errors_during_outage": run["errors"], "restart_to_ready_secs": float(sys.argv[4]),
+    "errors_during_outage": run["errors"], "fault_to_ready_secs": float(sys.argv[4]),
     "chain_verify": sys.argv[5].strip().splitlines()[-1], "lost": max(0, acked - stored), "pass": ok,
 }))
 sys.exit(0 if ok else 1)
