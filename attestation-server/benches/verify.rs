@@ -36,6 +36,8 @@ fn bench(c: &mut Criterion) {
             attest: b64.encode(&msg),
             signature: b64.encode(&sig_bytes),
             pcrs: pcrs.clone(),
+            uefi_log: None,
+            ima: None,
         };
         let whitelist = Whitelist {
             pcrs: pcrs

@@ -3,7 +3,7 @@
 
 use crate::audit;
 use crate::error::Error;
-use crate::store::{AttestationRecord, HostRecord, NewChallenge};
+use crate::store::{AttestationRecord, HostRecord, LogRecord, NewChallenge};
 use crate::tls::{ClientIdentity, Peer, Role};
 use crate::verify::{self, Expected, Failure, Policy};
 use crate::AppState;
@@ -145,14 +145,16 @@ async fn challenge(
 ) -> Result<Json<Challenge>, Error> {
     valid_host(&host)?;
     caller.require_agent_for(&host)?;
-    enrolled(st.store.host(&host).await?, &host)?;
+    let (record, _) = enrolled(st.store.host(&host).await?, &host)?;
+    // Ask for the logs the host's policy judges, and the PCRs they extend.
+    let needs = verify::LogNeeds::of(&st.store.host_policy(&host).await?);
     let mut nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let now = Utc::now();
     let ch = NewChallenge {
         nonce: hex::encode(nonce),
         host,
-        selection: st.config.pcr_selection.clone(),
+        selection: needs.selection(&st.config.pcr_selection),
         issued_at: now,
         expires_at: now + Duration::seconds(st.config.challenge_ttl_secs as i64),
     };
@@ -161,6 +163,11 @@ async fn challenge(
         nonce: ch.nonce,
         pcr_selection: ch.selection,
         expires_at: ch.expires_at,
+        uefi_log: needs.uefi_log(),
+        ima_from: needs.ima_from(
+            record.ima_state.as_ref(),
+            record.clock.map(|c| c.reset_count),
+        ),
     }))
 }
 
@@ -214,7 +221,11 @@ async fn evidence(
                 host_policy: &host_policy,
                 freshness: Duration::seconds(st.config.freshness_secs as i64),
             };
-            verify::verify(&ev, &expected, &policy, now)
+            let stored = verify::StoredLogs {
+                ima_state: record.ima_state.as_ref(),
+                uefi_log: record.last_uefi_log.as_deref(),
+            };
+            verify::verify_with_state(&ev, &expected, stored, &policy, now)
                 .map_err(|failure| Error::Verification { failure })
         }
         Err(e) => Err(e),
@@ -234,7 +245,15 @@ async fn evidence(
                     events: &events,
                     policy_epoch: Some(epoch),
                 };
-                if st.store.record_attestation(&host, rec).await? {
+                let logs = LogRecord {
+                    ima_state: verified.ima_state.as_ref(),
+                    uefi_log: verified.logs.uefi.as_ref().map(|(b, _)| b.as_slice()),
+                };
+                if st
+                    .store
+                    .record_attestation_with_logs(&host, rec, logs)
+                    .await?
+                {
                     break;
                 }
                 // A policy change affected the host meanwhile: judge the same
@@ -245,14 +264,7 @@ async fn evidence(
                 }
                 epoch = known_host(&st, &host).await?.policy_epoch;
                 let host_policy = st.store.host_policy(&host).await?;
-                let j = verify::judge(&verified.pcrs, &host_policy);
-                verified.verdict.trust = if j.faults.is_empty() {
-                    Trust::Trusted
-                } else {
-                    Trust::Untrusted
-                };
-                verified.verdict.reasons = j.faults;
-                verified.verdict.policy = Some(j.applied);
+                verified.rejudge(&host_policy);
             }
             st.metrics
                 .observe_attestation(&verified.verdict, started.elapsed());

@@ -10,26 +10,46 @@
 //! 5. [`Step::PcrDigest`]: the reported PCR values hash to the quote's pcrDigest
 //! 6. [`Step::Clock`]: the TPM's clock and counters did not go back (replay,
 //!    state rollback); higher reset or restart counts are a reboot
-//! 7. [`Step::Whitelist`]: the PCR values are among the acceptable ones
-//! 8. the verdict: trusted only when every step passed.
+//! 7. [`Step::EventLog`]: the UEFI event log, when sent, decodes and
+//!    replays to the quoted value of every PCR it extends
+//! 8. [`Step::ImaLog`]: the IMA entries, when sent, decode and, replayed
+//!    from the host's stored IMA state, reach the quoted PCR 10
+//! 9. [`Step::Whitelist`]: the PCR values are among the acceptable ones, the
+//!    UEFI log passes the boot policies, the new IMA entries the runtime
+//!    policies
+//! 10. the verdict: trusted only when every step passed.
 //!
-//! Steps 1–6 prove the evidence genuine and current; a failure there is an
-//! error. Step 7 judges genuine evidence; a mismatch there is an `untrusted`
+//! Steps 1–8 prove the evidence genuine and current; a failure there is an
+//! error. Step 9 judges genuine evidence; a mismatch there is an `untrusted`
 //! verdict.
 
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
+use proto::eventlog::{self, EventLog, EventLogError, ReplayMismatch};
+use proto::ima::{self, ImaEntry, ImaError, ImaState};
 use proto::policy::{
     AppliedPolicy, Group, MatchPolicy, Part, PartOutcome, PartResult, WhitelistRef,
     WhitelistVersion,
 };
+use proto::runtime_policy::{PolicyDocument, RuntimePolicy};
 use proto::tpm::{
     self, Attest, ClockInfo, EccCurve, HashAlg, KeyScheme, PcrSelection, Public, PublicKey,
     Signature,
 };
 use proto::wire::{self, Evidence, HostTrust, PcrFault, PcrValues, Reason, Trust};
 use ring::signature as sig;
-use std::collections::BTreeSet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// PCR 10: where IMA extends its measurements.
+pub const IMA_PCR: u8 = 10;
+/// The PCRs a UEFI log extends (firmware 0–7, grub 8–9, shim's MOK lists
+/// 14): a challenge asks for them when a boot policy judges the host, since
+/// a log event in a PCR the quote leaves out would be unauthenticated.
+pub const UEFI_LOG_PCRS: [u8; 11] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14];
+/// Runtime faults kept per runtime policy (the count goes on beyond it):
+/// a reason names the first failing files, never the whole list.
+pub const MAX_RUNTIME_FAULTS: usize = 5;
 
 /// The named verification steps, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +60,8 @@ pub enum Step {
     PcrSelection,
     PcrDigest,
     Clock,
+    EventLog,
+    ImaLog,
     Whitelist,
 }
 
@@ -52,6 +74,8 @@ impl Step {
             Step::PcrSelection => "pcr_selection",
             Step::PcrDigest => "pcr_digest",
             Step::Clock => "clock",
+            Step::EventLog => "eventlog",
+            Step::ImaLog => "ima_log",
             Step::Whitelist => "whitelist",
         }
     }
@@ -129,6 +153,52 @@ pub enum ClockFailure {
     ClockBackwards { last: u64, quoted: u64 },
 }
 
+/// The UEFI event log does not decode, or does not replay to the quote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventLogFailure {
+    #[error("uefi_log is not valid base64")]
+    Encoding,
+    #[error("UEFI event log: {0}")]
+    Parse(EventLogError),
+    #[error("UEFI event log altered: {mismatch}{}", altered.as_ref().map(|a| format!("; {a}")).unwrap_or_default())]
+    Replay {
+        mismatch: ReplayMismatch,
+        /// The first event of the mismatching PCR that differs from the
+        /// host's last verified log, when one is stored.
+        altered: Option<Box<AlteredEvent>>,
+    },
+}
+
+/// An event that differs from the host's last verified UEFI log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {index} ({event_type}) is the first in PCR {pcr} that differs from the last verified log (digest {actual}, was {expected})")]
+pub struct AlteredEvent {
+    pub index: u32,
+    pub pcr: u32,
+    pub event_type: &'static str,
+    pub expected: String,
+    pub actual: String,
+}
+
+/// The IMA entries do not decode, or do not replay to the quoted PCR 10.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImaLogFailure {
+    #[error("IMA list: {0}")]
+    Parse(ImaError),
+    #[error("IMA entries were sent but the quote does not cover PCR {IMA_PCR}")]
+    PcrNotQuoted,
+    #[error("IMA list altered: PCR {IMA_PCR} ({bank}) is quoted as {quoted}; entries {first}-{last} replayed from the stored state ({replayed_from}) never reach it (the whole list gives {replayed})")]
+    Replay {
+        bank: HashAlg,
+        quoted: String,
+        replayed_from: String,
+        replayed: String,
+        /// 1-based positions in the whole list of the entries sent.
+        first: u64,
+        last: u64,
+    },
+}
+
 /// Why evidence was refused: the step and its typed failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
@@ -144,6 +214,24 @@ pub enum Failure {
     PcrDigest(#[from] DigestFailure),
     #[error("{0}")]
     Clock(#[from] ClockFailure),
+    // Boxed: the log failures carry digests and would make every
+    // `Result<_, Failure>` large.
+    #[error("{0}")]
+    EventLog(Box<EventLogFailure>),
+    #[error("{0}")]
+    ImaLog(Box<ImaLogFailure>),
+}
+
+impl From<EventLogFailure> for Failure {
+    fn from(f: EventLogFailure) -> Self {
+        Failure::EventLog(Box::new(f))
+    }
+}
+
+impl From<ImaLogFailure> for Failure {
+    fn from(f: ImaLogFailure) -> Self {
+        Failure::ImaLog(Box::new(f))
+    }
 }
 
 impl Failure {
@@ -155,6 +243,8 @@ impl Failure {
             Failure::PcrSelection(_) => Step::PcrSelection,
             Failure::PcrDigest(_) => Step::PcrDigest,
             Failure::Clock(_) => Step::Clock,
+            Failure::EventLog(_) => Step::EventLog,
+            Failure::ImaLog(_) => Step::ImaLog,
         }
     }
 
@@ -185,6 +275,16 @@ impl Failure {
             Failure::PcrSelection(SelectionFailure::ValuesDiffer { .. }) => "pcr_values_incomplete",
             Failure::PcrDigest(_) => "pcr_digest_mismatch",
             Failure::Clock(_) => "clock_replay",
+            Failure::EventLog(f) => match f.as_ref() {
+                EventLogFailure::Encoding => "eventlog_encoding",
+                EventLogFailure::Parse(e) => e.code(),
+                EventLogFailure::Replay { mismatch, .. } => mismatch.code(),
+            },
+            Failure::ImaLog(f) => match f.as_ref() {
+                ImaLogFailure::Parse(e) => e.code(),
+                ImaLogFailure::PcrNotQuoted => "ima_pcr_not_quoted",
+                ImaLogFailure::Replay { .. } => "ima_replay_mismatch",
+            },
         }
     }
 
@@ -193,7 +293,68 @@ impl Failure {
             step: self.step().name().into(),
             code: self.code().into(),
             message: self.to_string(),
-            pcr: None,
+            pcr: self.pcr_fault(),
+        }
+    }
+
+    /// The PCR a log replay disagrees with: expected is what the log
+    /// replays to, actual what the TPM quoted.
+    fn pcr_fault(&self) -> Option<PcrFault> {
+        let fault = |index: u32, bank: HashAlg, expected: String, actual: Option<String>| {
+            u8::try_from(index).ok().map(|index| PcrFault {
+                index,
+                bank,
+                expected: vec![expected],
+                actual,
+                part: None,
+                whitelist: None,
+            })
+        };
+        match self {
+            Failure::EventLog(f) => match f.as_ref() {
+                EventLogFailure::Replay {
+                    mismatch:
+                        ReplayMismatch::Differs {
+                            bank,
+                            pcr,
+                            quoted,
+                            replayed,
+                            ..
+                        },
+                    ..
+                } => fault(
+                    *pcr,
+                    *bank,
+                    hex::encode(replayed),
+                    Some(hex::encode(quoted)),
+                ),
+                EventLogFailure::Replay {
+                    mismatch:
+                        ReplayMismatch::NotQuoted {
+                            bank,
+                            pcr,
+                            replayed,
+                            ..
+                        },
+                    ..
+                } => fault(*pcr, *bank, hex::encode(replayed), None),
+                _ => None,
+            },
+            Failure::ImaLog(f) => match f.as_ref() {
+                ImaLogFailure::Replay {
+                    bank,
+                    quoted,
+                    replayed,
+                    ..
+                } => fault(
+                    u32::from(IMA_PCR),
+                    *bank,
+                    replayed.clone(),
+                    Some(quoted.clone()),
+                ),
+                _ => None,
+            },
+            _ => None,
         }
     }
 }
@@ -247,9 +408,7 @@ impl HostPolicy {
                 description: None,
                 parts: std::collections::BTreeMap::from([(
                     proto::policy::PART_HOST_UNIQUE.to_string(),
-                    Part {
-                        pcrs: wl.pcrs.clone(),
-                    },
+                    Part::of_pcrs(wl.pcrs.clone()),
                 )]),
                 deleted: false,
                 created_at: DateTime::<Utc>::UNIX_EPOCH,
@@ -259,11 +418,121 @@ impl HostPolicy {
     }
 }
 
-/// The outcome of step 7: faults (empty: trusted) and what was applied.
+/// The outcome of the whitelist step: faults (empty: trusted) and what was applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judgement {
     pub faults: Vec<Reason>,
     pub applied: AppliedPolicy,
+    /// Every runtime policy judged, by [`runtime_fingerprint`], with its
+    /// faults so far in this boot (to store in [`HostImaState::runtime`]).
+    pub runtime: BTreeMap<String, RuntimeRecord>,
+}
+
+/// What a runtime policy found in a host's IMA list since its boot:
+/// failures stick, since incremental verification never sends an entry twice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeRecord {
+    pub failures_total: u64,
+    /// The first [`MAX_RUNTIME_FAULTS`] failures.
+    pub faults: Vec<Reason>,
+}
+
+/// What the server keeps per host for incremental IMA verification
+/// (`hosts.ima_state`, JSON): where the PCR 10 replay stands, and which
+/// runtime policies judged every entry up to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostImaState {
+    pub state: ImaState,
+    /// The bank runtime policies verify file digests with.
+    pub bank: HashAlg,
+    /// Runtime policy fingerprint -> its findings over entries
+    /// `1..=state.entries_verified`. A policy not listed has not seen all
+    /// of them: the next challenge asks for the list from the start.
+    #[serde(default)]
+    pub runtime: BTreeMap<String, RuntimeRecord>,
+}
+
+impl HostImaState {
+    /// The state is the one of the boot with TPM reset count `reset_count`.
+    pub fn same_boot(&self, reset_count: u32) -> bool {
+        self.state.reset_count == Some(reset_count)
+    }
+}
+
+/// The event logs judged with the PCR values (see [`judge`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Logs<'a> {
+    /// The UEFI log, checked against the quote.
+    pub uefi: Option<&'a EventLog>,
+    pub ima: Option<ImaLogs<'a>>,
+}
+
+/// IMA entries checked against the quote, and where they start.
+#[derive(Debug, Clone, Copy)]
+pub struct ImaLogs<'a> {
+    /// The entries after `start` covered by the quote (may be none).
+    pub entries: &'a [ImaEntry],
+    pub start: &'a ImaState,
+    pub bank: HashAlg,
+    /// The runtime policies that judged every entry before `start`.
+    pub verified: &'a BTreeMap<String, RuntimeRecord>,
+    /// The host sent a continuation of a list this server no longer
+    /// follows (it rebooted): nothing could be judged this time.
+    pub restarted: bool,
+}
+
+/// What the log steps produced: the parsed logs for the whitelist step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckedLogs {
+    /// The UEFI log bytes and its parse, replayed equal to the quote.
+    pub uefi: Option<(Vec<u8>, EventLog)>,
+    pub ima: Option<CheckedIma>,
+}
+
+/// IMA entries the quote covers, with the state before and after them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedIma {
+    pub entries: Vec<ImaEntry>,
+    pub start: ImaState,
+    pub end: ImaState,
+    pub bank: HashAlg,
+    pub verified: BTreeMap<String, RuntimeRecord>,
+    pub restarted: bool,
+}
+
+impl CheckedLogs {
+    /// The logs of a host's last genuine evidence, as stored, to judge it
+    /// again after a policy change: the UEFI log (checked against that
+    /// quote when it was stored) and the IMA state with no new entries, so
+    /// runtime policies give the findings kept in the state.
+    pub fn stored(rec: &crate::store::HostRecord) -> Self {
+        let uefi = rec
+            .last_uefi_log
+            .as_ref()
+            .and_then(|b| eventlog::parse(b).ok().map(|l| (b.clone(), l)));
+        let ima = rec.ima_state.as_ref().map(|s| CheckedIma {
+            entries: Vec::new(),
+            start: s.state.clone(),
+            end: s.state.clone(),
+            bank: s.bank,
+            verified: s.runtime.clone(),
+            restarted: false,
+        });
+        CheckedLogs { uefi, ima }
+    }
+
+    pub fn logs(&self) -> Logs<'_> {
+        Logs {
+            uefi: self.uefi.as_ref().map(|(_, l)| l),
+            ima: self.ima.as_ref().map(|i| ImaLogs {
+                entries: &i.entries,
+                start: &i.start,
+                bank: i.bank,
+                verified: &i.verified,
+                restarted: i.restarted,
+            }),
+        }
+    }
 }
 
 /// Genuine evidence and the verdict on it.
@@ -274,6 +543,39 @@ pub struct Verified {
     pub rebooted: bool,
     pub pcrs: PcrValues,
     pub verdict: HostTrust,
+    /// The logs the evidence carried, checked against the quote.
+    pub logs: CheckedLogs,
+    /// The host's IMA state after this evidence (None: no IMA was sent).
+    pub ima_state: Option<HostImaState>,
+}
+
+impl Verified {
+    /// Judge the same genuine evidence again, against `policy` as it is now.
+    pub fn rejudge(&mut self, policy: &HostPolicy) {
+        let j = judge(&self.pcrs, &self.logs.logs(), policy);
+        self.verdict.trust = if j.faults.is_empty() {
+            Trust::Trusted
+        } else {
+            Trust::Untrusted
+        };
+        self.verdict.reasons = j.faults;
+        self.verdict.policy = Some(j.applied);
+        if let (Some(state), Some(ima)) = (&mut self.ima_state, &self.logs.ima) {
+            state.runtime = merged_runtime(ima, j.runtime);
+        }
+    }
+}
+
+/// The runtime records to store: those judged now (a restart keeps none).
+fn merged_runtime(
+    ima: &CheckedIma,
+    judged: BTreeMap<String, RuntimeRecord>,
+) -> BTreeMap<String, RuntimeRecord> {
+    if ima.restarted {
+        BTreeMap::new()
+    } else {
+        judged
+    }
 }
 
 /// Decoded evidence (step 1's output).
@@ -285,28 +587,270 @@ pub struct Decoded {
     pub signature: Signature,
 }
 
-/// Run every step on one piece of evidence.
+/// Run every step on one piece of evidence, for a host without IMA state.
 pub fn verify(
     evidence: &Evidence,
     expected: &Expected<'_>,
     policy: &Policy<'_>,
     now: DateTime<Utc>,
 ) -> Result<Verified, Failure> {
+    verify_with_state(evidence, expected, StoredLogs::default(), policy, now)
+}
+
+/// What the server stored of a host's earlier evidence's logs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoredLogs<'a> {
+    /// Where its last verified IMA entries left PCR 10.
+    pub ima_state: Option<&'a HostImaState>,
+    /// Its last verified UEFI log, to name the event an altered log changed.
+    pub uefi_log: Option<&'a [u8]>,
+}
+
+/// Run every step on one piece of evidence, given what is stored of the
+/// host's earlier logs.
+pub fn verify_with_state(
+    evidence: &Evidence,
+    expected: &Expected<'_>,
+    stored: StoredLogs<'_>,
+    policy: &Policy<'_>,
+    now: DateTime<Utc>,
+) -> Result<Verified, Failure> {
+    let ima_state = stored.ima_state;
     let decoded = decode(evidence)?;
     check_signature(&decoded, expected.ak)?;
     check_nonce(&decoded, expected, now)?;
     check_selection(&decoded.attest, &evidence.pcrs, expected.challenge)?;
     check_pcr_digest(&decoded, &evidence.pcrs)?;
     let rebooted = check_clock(&decoded.attest.clock_info, expected.last_clock.as_ref())?;
-    let judgement = judge(&evidence.pcrs, policy.host_policy);
+    let uefi = check_uefi_log(evidence, stored.uefi_log)?;
+    let ima = check_ima_log(evidence, ima_state, decoded.attest.clock_info.reset_count)?;
+    let logs = CheckedLogs { uefi, ima };
+    let judgement = judge(&evidence.pcrs, &logs.logs(), policy.host_policy);
     let mut verdict = verdict(expected.host, judgement.faults, now, policy.freshness);
     verdict.policy = Some(judgement.applied);
+    let ima_state = logs.ima.as_ref().map(|i| HostImaState {
+        state: i.end.clone(),
+        bank: i.bank,
+        runtime: merged_runtime(i, judgement.runtime),
+    });
     Ok(Verified {
         rebooted,
         verdict,
         attest: decoded.attest,
         pcrs: evidence.pcrs.clone(),
+        logs,
+        ima_state,
     })
+}
+
+/// The quoted values of `bank`, as bytes by PCR index.
+fn quoted_bank(pcrs: &PcrValues, bank: HashAlg) -> BTreeMap<u32, Vec<u8>> {
+    pcrs.get(&bank)
+        .map(|values| {
+            values
+                .iter()
+                .filter_map(|(i, v)| Some((u32::from(*i), hex::decode(v).ok()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Step 7: the UEFI log replays, in every quoted bank it has, to the
+/// quoted value of every PCR it extends.
+pub fn check_uefi_log(
+    evidence: &Evidence,
+    previous: Option<&[u8]>,
+) -> Result<Option<(Vec<u8>, EventLog)>, EventLogFailure> {
+    let Some(b64) = &evidence.uefi_log else {
+        return Ok(None);
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| EventLogFailure::Encoding)?;
+    let log = eventlog::parse(&bytes).map_err(EventLogFailure::Parse)?;
+    let log_banks = log.banks();
+    let banks: Vec<HashAlg> = evidence
+        .pcrs
+        .iter()
+        .filter(|(b, v)| !v.is_empty() && log_banks.contains(b))
+        .map(|(b, _)| *b)
+        .collect();
+    if banks.is_empty() {
+        // No quoted bank is in the log: nothing of it is bound to the TPM.
+        let bank = evidence
+            .pcrs
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(HashAlg::Sha256);
+        return Err(EventLogFailure::Replay {
+            mismatch: ReplayMismatch::BankNotInLog { bank },
+            altered: None,
+        });
+    }
+    for bank in banks {
+        eventlog::check_against_quote(&log, bank, &quoted_bank(&evidence.pcrs, bank)).map_err(
+            |mismatch| EventLogFailure::Replay {
+                altered: altered_event(&log, previous, bank, &mismatch).map(Box::new),
+                mismatch,
+            },
+        )?;
+    }
+    Ok(Some((bytes, log)))
+}
+
+/// The first event of the mismatching PCR whose digest differs from the
+/// same position in the host's last verified log (which the quote then
+/// matched), or that the old log did not have.
+fn altered_event(
+    log: &EventLog,
+    previous: Option<&[u8]>,
+    bank: HashAlg,
+    mismatch: &ReplayMismatch,
+) -> Option<AlteredEvent> {
+    let ReplayMismatch::Differs { pcr, .. } = mismatch else {
+        return None;
+    };
+    let old = eventlog::parse(previous?).ok()?;
+    let in_pcr = |l: &'_ EventLog| -> Vec<(u32, u32, Vec<u8>)> {
+        l.events
+            .iter()
+            .filter(|e| e.pcr == *pcr && e.event_type != eventlog::EV_NO_ACTION)
+            .map(|e| {
+                (
+                    e.index,
+                    e.event_type,
+                    e.digest(bank).map(<[u8]>::to_vec).unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let (new, old) = (in_pcr(log), in_pcr(&old));
+    new.iter()
+        .enumerate()
+        .find(|(i, (_, _, d))| old.get(*i).is_none_or(|(_, _, o)| o != d))
+        .map(|(i, (index, event_type, d))| AlteredEvent {
+            index: *index,
+            pcr: *pcr,
+            event_type: eventlog::event_type_name(*event_type),
+            expected: old
+                .get(i)
+                .map_or_else(|| "no such event".into(), |(_, _, o)| hex::encode(o)),
+            actual: hex::encode(d),
+        })
+}
+
+/// Step 8: the IMA entries, replayed from where the host's stored state
+/// left PCR 10, reach the quoted PCR 10 in every quoted bank. The agent
+/// reads the list after quoting, so it may hold entries the quote does not
+/// cover yet: the shortest prefix that reaches the quote is taken, the rest
+/// is sent again next time.
+pub fn check_ima_log(
+    evidence: &Evidence,
+    stored: Option<&HostImaState>,
+    reset_count: u32,
+) -> Result<Option<CheckedIma>, ImaLogFailure> {
+    let Some(sent) = &evidence.ima else {
+        return Ok(None);
+    };
+    let banks: Vec<HashAlg> = evidence
+        .pcrs
+        .iter()
+        .filter(|(_, v)| v.contains_key(&IMA_PCR))
+        .map(|(b, _)| *b)
+        .collect();
+    // Runtime policies judge file digests in the policy's preferred bank:
+    // sha256 when quoted, else the first quoted bank with PCR 10.
+    let bank = banks
+        .iter()
+        .copied()
+        .find(|b| *b == HashAlg::Sha256)
+        .or_else(|| banks.first().copied())
+        .ok_or(ImaLogFailure::PcrNotQuoted)?;
+    let continued = stored.filter(|s| {
+        sent.from > 0
+            && s.same_boot(reset_count)
+            && s.state.entries_verified == sent.from
+            && banks.iter().all(|b| s.state.pcr10(*b).is_some())
+    });
+    let fresh = || ImaState::new(None, Some(reset_count), &banks);
+    if sent.from > 0 && continued.is_none() {
+        // A continuation of a list we do not follow (the host rebooted
+        // since the challenge was made): start over at the next attestation.
+        let start = fresh();
+        return Ok(Some(CheckedIma {
+            entries: Vec::new(),
+            end: start.clone(),
+            start,
+            bank,
+            verified: BTreeMap::new(),
+            restarted: true,
+        }));
+    }
+    let (start, verified) = match continued {
+        Some(s) => (s.state.clone(), s.runtime.clone()),
+        None => (fresh(), BTreeMap::new()),
+    };
+    let first_line = usize::try_from(sent.from)
+        .ok()
+        .and_then(|f| f.checked_add(1))
+        .unwrap_or(usize::MAX);
+    let mut entries =
+        ima::parse_ascii_from(sent.entries.as_bytes(), first_line).map_err(ImaLogFailure::Parse)?;
+    let quoted: Vec<(HashAlg, Vec<u8>)> = banks
+        .iter()
+        .map(|b| {
+            let q = quoted_bank(&evidence.pcrs, *b)
+                .remove(&u32::from(IMA_PCR))
+                .unwrap_or_default();
+            (*b, q)
+        })
+        .collect();
+    let mut pcrs: Vec<Vec<u8>> = banks
+        .iter()
+        .map(|b| start.pcr10(*b).map(<[u8]>::to_vec).unwrap_or_default())
+        .collect();
+    let reached = |pcrs: &[Vec<u8>]| quoted.iter().zip(pcrs).all(|((_, q), p)| q == p);
+    let mut covered = if reached(&pcrs) { Some(0) } else { None };
+    for (n, e) in entries.iter().enumerate() {
+        if covered.is_some() {
+            break;
+        }
+        for (p, b) in pcrs.iter_mut().zip(&banks) {
+            *p = b.hash(&[p, e.template_hash_for(*b).as_slice()]);
+        }
+        if reached(&pcrs) {
+            covered = Some(n + 1);
+        }
+    }
+    let Some(covered) = covered else {
+        let (bank, q) = quoted.first().cloned().unwrap_or((bank, Vec::new()));
+        let idx = banks.iter().position(|b| *b == bank).unwrap_or(0);
+        return Err(ImaLogFailure::Replay {
+            bank,
+            quoted: hex::encode(q),
+            replayed_from: hex::encode(start.pcr10(bank).unwrap_or_default()),
+            replayed: hex::encode(pcrs.get(idx).cloned().unwrap_or_default()),
+            first: sent.from.saturating_add(1),
+            last: sent.from.saturating_add(entries.len() as u64),
+        });
+    };
+    entries.truncate(covered);
+    let mut end = start.clone();
+    for (b, p) in banks.iter().zip(pcrs) {
+        if let Some(v) = end.banks.iter_mut().find(|v| v.bank == *b) {
+            v.pcr10 = p;
+        }
+    }
+    end.entries_verified = start.entries_verified.saturating_add(covered as u64);
+    Ok(Some(CheckedIma {
+        entries,
+        start,
+        end,
+        bank,
+        verified,
+        restarted: false,
+    }))
 }
 
 /// Step 1.
@@ -577,14 +1121,16 @@ pub fn check_clock(quoted: &ClockInfo, last: Option<&ClockInfo>) -> Result<bool,
     Ok(false)
 }
 
-/// Step 7: compare genuine PCR values with the host's policy, part by part.
+/// Step 9: compare genuine PCR values and logs with the host's policy,
+/// part by part.
 ///
 /// A part passes when any of the host's whitelists that defines it matches:
 /// every PCR the part lists is reported with one of its acceptable values
-/// (PCRs no part names are not judged). A part the group marks `required`
-/// must be defined by one of its whitelists. A policy that judges nothing
-/// is itself a fault: trust is never the default.
-pub fn judge(pcrs: &PcrValues, policy: &HostPolicy) -> Judgement {
+/// (PCRs no part names are not judged), the UEFI log passes its boot
+/// policy and the IMA list its runtime policy. A part the group marks
+/// `required` must be defined by one of its whitelists. A policy that
+/// judges nothing is itself a fault: trust is never the default.
+pub fn judge(pcrs: &PcrValues, logs: &Logs<'_>, policy: &HostPolicy) -> Judgement {
     let mut applied = AppliedPolicy {
         group: policy.group.as_ref().map(|g| g.name.clone()),
         whitelists: policy
@@ -628,11 +1174,26 @@ pub fn judge(pcrs: &PcrValues, policy: &HostPolicy) -> Judgement {
         }
     }
     let mut judged = 0usize;
+    let mut runtime = BTreeMap::new();
     for (name, candidates) in &parts {
         // The first candidate that passes wins; otherwise report the closest.
+        // Every candidate is judged, so each runtime policy sees every entry
+        // (incremental verification never sends an entry twice).
         let mut best: Option<(WhitelistRef, Vec<Reason>, usize)> = None;
         for (w, part) in candidates {
-            let (part_faults, checked) = judge_part(pcrs, name, w, part);
+            let (mut part_faults, mut checked) = judge_part(pcrs, name, w, part);
+            if let Some(boot) = &part.boot {
+                checked += 1;
+                part_faults.extend(judge_boot(logs.uefi, boot, name, w));
+            }
+            if let Some(doc) = &part.runtime {
+                checked += 1;
+                let (faults, record) = judge_runtime(logs.ima.as_ref(), doc, name, w);
+                part_faults.extend(faults);
+                if let Some((fp, record)) = record {
+                    runtime.insert(fp, record);
+                }
+            }
             let better = best
                 .as_ref()
                 .is_none_or(|(_, f, _)| part_faults.len() < f.len());
@@ -645,9 +1206,6 @@ pub fn judge(pcrs: &PcrValues, policy: &HostPolicy) -> Judgement {
                     part_faults,
                     checked,
                 ));
-            }
-            if best.as_ref().is_some_and(|(_, f, _)| f.is_empty()) {
-                break;
             }
         }
         let Some((wref, part_faults, checked)) = best else {
@@ -677,7 +1235,180 @@ pub fn judge(pcrs: &PcrValues, policy: &HostPolicy) -> Judgement {
             pcr: None,
         });
     }
-    Judgement { faults, applied }
+    Judgement {
+        faults,
+        applied,
+        runtime,
+    }
+}
+
+fn whitelist_fault(code: &str, message: String) -> Reason {
+    Reason {
+        step: Step::Whitelist.name().into(),
+        code: code.into(),
+        message,
+        pcr: None,
+    }
+}
+
+/// A boot policy against the UEFI log: every fault names its event, PCR,
+/// what was expected and what was found. No log is a fault (fail closed).
+fn judge_boot(
+    log: Option<&EventLog>,
+    boot: &proto::bootpolicy::BootPolicy,
+    part_name: &str,
+    w: &WhitelistVersion,
+) -> Vec<Reason> {
+    let Some(log) = log else {
+        return vec![whitelist_fault(
+            "eventlog_missing",
+            format!(
+                "part {part_name} of whitelist {}@{} has a boot policy but the host sent no UEFI event log",
+                w.name, w.version
+            ),
+        )];
+    };
+    boot.evaluate(log)
+        .into_iter()
+        .map(|f| {
+            let pcr = f.pcr.and_then(|p| u8::try_from(p).ok());
+            Reason {
+                step: Step::Whitelist.name().into(),
+                code: f.code.as_str().into(),
+                message: format!(
+                    "{f} (boot policy of part {part_name}, whitelist {}@{})",
+                    w.name, w.version
+                ),
+                pcr: pcr.map(|index| PcrFault {
+                    index,
+                    bank: boot.bank,
+                    expected: vec![f.expected.clone()],
+                    actual: Some(f.actual.clone()),
+                    part: Some(part_name.to_string()),
+                    whitelist: Some(format!("{}@{}", w.name, w.version)),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// A stable name of a runtime policy's content: versions of a whitelist
+/// that keep the same runtime policy keep its findings.
+pub fn runtime_fingerprint(doc: &PolicyDocument) -> String {
+    let json = serde_json::to_vec(doc).unwrap_or_default();
+    hex::encode(HashAlg::Sha256.hash(&[&json]))
+}
+
+/// A runtime policy against the new IMA entries, on top of what it found
+/// earlier in this boot. Returns the part's faults and the record to keep.
+fn judge_runtime(
+    ima: Option<&ImaLogs<'_>>,
+    doc: &PolicyDocument,
+    part_name: &str,
+    w: &WhitelistVersion,
+) -> (Vec<Reason>, Option<(String, RuntimeRecord)>) {
+    let wref = format!("{}@{}", w.name, w.version);
+    let Some(ima) = ima else {
+        return (
+            vec![whitelist_fault(
+                "ima_missing",
+                format!("part {part_name} of whitelist {wref} has a runtime policy but the host sent no IMA list"),
+            )],
+            None,
+        );
+    };
+    if ima.restarted {
+        return (
+            vec![whitelist_fault(
+                "ima_list_restarted",
+                "the host rebooted since its IMA list was last verified; the whole list is verified at the next attestation".into(),
+            )],
+            None,
+        );
+    }
+    let fp = runtime_fingerprint(doc);
+    let previous = ima.verified.get(&fp);
+    if previous.is_none() && ima.start.entries_verified > 0 {
+        return (
+            vec![whitelist_fault(
+                "ima_policy_not_applied",
+                format!(
+                    "the runtime policy of part {part_name} (whitelist {wref}) is new: IMA entries 1-{} were judged by another; the whole list is judged against it at the next attestation",
+                    ima.start.entries_verified
+                ),
+            )],
+            None,
+        );
+    }
+    let mut record = previous.cloned().unwrap_or_default();
+    let policy = RuntimePolicy::new(doc.clone());
+    match ima::verify(ima.entries, &policy, ima.start, ima.bank) {
+        Ok(outcome) => {
+            record.failures_total = record.failures_total.saturating_add(outcome.failures_total);
+            let room = MAX_RUNTIME_FAULTS.saturating_sub(record.faults.len());
+            record
+                .faults
+                .extend(outcome.failures.iter().take(room).map(|f| Reason {
+                    step: Step::Whitelist.name().into(),
+                    code: runtime_code(f.code).into(),
+                    message: format!(
+                        "IMA entry {} (line {}): {} {}; expected {}, found {} (runtime policy of part {part_name}, whitelist {wref})",
+                        f.index,
+                        f.line,
+                        f.path,
+                        runtime_what(f.code),
+                        if f.expected.is_empty() { "no entry for this path".to_string() } else { f.expected.join(" or ") },
+                        f.actual.as_deref().unwrap_or("nothing"),
+                    ),
+                    pcr: None,
+                }));
+        }
+        Err(e) => {
+            // Validated when stored; a policy this build cannot compile fails closed.
+            record.failures_total = record.failures_total.saturating_add(1);
+            if record.faults.len() < MAX_RUNTIME_FAULTS {
+                record.faults.push(whitelist_fault(
+                    "runtime_policy_invalid",
+                    format!("runtime policy of part {part_name} (whitelist {wref}): {e}"),
+                ));
+            }
+        }
+    }
+    let mut faults = record.faults.clone();
+    let shown = faults.len() as u64;
+    if record.failures_total > shown {
+        faults.push(whitelist_fault(
+            "ima_more_failures",
+            format!(
+                "{} more IMA entries fail the runtime policy of part {part_name} (whitelist {wref}); {} in all since boot",
+                record.failures_total - shown,
+                record.failures_total
+            ),
+        ));
+    }
+    (faults, Some((fp, record)))
+}
+
+fn runtime_code(code: ima::FailureCode) -> &'static str {
+    match code {
+        ima::FailureCode::TemplateHashMismatch => "ima_template_hash_mismatch",
+        ima::FailureCode::NotInPolicy => "ima_not_in_policy",
+        ima::FailureCode::DigestMismatch => "ima_digest_mismatch",
+        ima::FailureCode::Violation => "ima_violation",
+        ima::FailureCode::SignatureInvalid => "ima_signature_invalid",
+        ima::FailureCode::UnexpectedPcr => "ima_unexpected_pcr",
+    }
+}
+
+fn runtime_what(code: ima::FailureCode) -> &'static str {
+    match code {
+        ima::FailureCode::TemplateHashMismatch => "does not hash to its logged template hash",
+        ima::FailureCode::NotInPolicy => "is not in the runtime policy",
+        ima::FailureCode::DigestMismatch => "has a digest the runtime policy does not allow",
+        ima::FailureCode::Violation => "is a measurement violation (open for write while measured)",
+        ima::FailureCode::SignatureInvalid => "has a signature no policy key verifies",
+        ima::FailureCode::UnexpectedPcr => "was measured into a PCR other than 10",
+    }
 }
 
 /// One part of one whitelist: its faults and how many PCRs it judged.
@@ -752,7 +1483,385 @@ pub fn verdict(
     }
 }
 
+/// What a host's policy needs of its event logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogNeeds {
+    /// Banks of the boot policies (empty: no UEFI log needed).
+    pub boot_banks: BTreeSet<HashAlg>,
+    /// Fingerprints of the runtime policies (empty: no IMA needed).
+    pub runtime: BTreeSet<String>,
+}
+
+impl LogNeeds {
+    pub fn of(policy: &HostPolicy) -> Self {
+        let mut needs = LogNeeds::default();
+        for part in policy
+            .whitelists
+            .iter()
+            .filter(|w| !w.deleted)
+            .flat_map(|w| w.parts.values())
+        {
+            if let Some(boot) = &part.boot {
+                needs.boot_banks.insert(boot.bank);
+            }
+            if let Some(doc) = &part.runtime {
+                needs.runtime.insert(runtime_fingerprint(doc));
+            }
+        }
+        needs
+    }
+
+    pub fn uefi_log(&self) -> bool {
+        !self.boot_banks.is_empty()
+    }
+
+    /// `base` plus the PCRs the logs need: those a UEFI log extends in every
+    /// boot policy's bank, PCR 10 in every bank when IMA is judged.
+    pub fn selection(&self, base: &wire::PcrSelectionMap) -> wire::PcrSelectionMap {
+        let mut sel: BTreeMap<HashAlg, BTreeSet<u8>> = base
+            .iter()
+            .map(|(b, p)| (*b, p.iter().copied().collect()))
+            .collect();
+        for bank in &self.boot_banks {
+            sel.entry(*bank).or_default().extend(UEFI_LOG_PCRS);
+        }
+        if !self.runtime.is_empty() {
+            if sel.is_empty() {
+                sel.entry(HashAlg::Sha256).or_default();
+            }
+            for pcrs in sel.values_mut() {
+                pcrs.insert(IMA_PCR);
+            }
+        }
+        sel.into_iter()
+            .map(|(b, p)| (b, p.into_iter().collect()))
+            .collect()
+    }
+
+    /// The first IMA entry to ask for (None: no IMA): where the stored state
+    /// stands if it belongs to the current boot (`reset_count` of the last
+    /// quote) and every runtime policy judged all entries before it, else 0.
+    pub fn ima_from(&self, stored: Option<&HostImaState>, reset_count: Option<u32>) -> Option<u64> {
+        if self.runtime.is_empty() {
+            return None;
+        }
+        let from = stored
+            .filter(|s| reset_count.is_some_and(|r| s.same_boot(r)))
+            .filter(|s| self.runtime.iter().all(|fp| s.runtime.contains_key(fp)))
+            .map_or(0, |s| s.state.entries_verified);
+        Some(from)
+    }
+}
+
 /// The selection a challenge asks for, in TPM form.
 pub fn challenge_selection(map: &wire::PcrSelectionMap) -> PcrSelection {
     wire::selection_from_map(map)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use proto::ima::Template;
+
+    fn fixture(path: &str) -> Vec<u8> {
+        std::fs::read(format!("{}/../fixtures/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    fn evidence(pcrs: PcrValues) -> Evidence {
+        Evidence {
+            nonce: String::new(),
+            attest: String::new(),
+            signature: String::new(),
+            pcrs,
+            uefi_log: None,
+            ima: None,
+        }
+    }
+
+    fn entry(path: &str) -> ImaEntry {
+        let d = HashAlg::Sha256.hash(&[path.as_bytes()]);
+        ima::make_entry(Template::ImaNg, HashAlg::Sha256, &d, path, &[]).unwrap()
+    }
+
+    fn pcr10(entries: &[ImaEntry]) -> PcrValues {
+        let v = hex::encode(ima::replay(entries, HashAlg::Sha256));
+        BTreeMap::from([(HashAlg::Sha256, BTreeMap::from([(IMA_PCR, v)]))])
+    }
+
+    fn ima_evidence(all: &[ImaEntry], quoted: &[ImaEntry], from: u64) -> Evidence {
+        let mut ev = evidence(pcr10(quoted));
+        let text = ima::encode_ascii(all);
+        let lines: String = text
+            .lines()
+            .skip(from as usize)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        ev.ima = Some(wire::ImaEvidence {
+            from,
+            entries: lines,
+        });
+        ev
+    }
+
+    fn policy_of(parts: Vec<(&str, Part)>) -> HostPolicy {
+        HostPolicy {
+            group: None,
+            whitelists: vec![WhitelistVersion {
+                name: "fleet".into(),
+                version: 1,
+                description: None,
+                parts: parts.into_iter().map(|(n, p)| (n.to_string(), p)).collect(),
+                deleted: false,
+                created_at: DateTime::<Utc>::UNIX_EPOCH,
+                created_by: String::new(),
+            }],
+        }
+    }
+
+    fn runtime_part(allowed: &[&str]) -> Part {
+        let digests = allowed
+            .iter()
+            .map(|p| {
+                let d = hex::encode(HashAlg::Sha256.hash(&[p.as_bytes()]));
+                (p.to_string(), vec![format!("sha256:{d}")])
+            })
+            .collect();
+        Part {
+            runtime: Some(PolicyDocument {
+                digests,
+                ..PolicyDocument::default()
+            }),
+            ..Part::default()
+        }
+    }
+
+    #[test]
+    fn ima_takes_the_prefix_the_quote_covers() {
+        let all: Vec<ImaEntry> = ["/a", "/b", "/c"].iter().map(|p| entry(p)).collect();
+        // The quote was made after two entries; the third came before the read.
+        let ev = ima_evidence(&all, &all[..2], 0);
+        let got = check_ima_log(&ev, None, 7).unwrap().unwrap();
+        assert_eq!(got.entries.len(), 2);
+        assert_eq!(got.end.entries_verified, 2);
+        assert_eq!(got.end.reset_count, Some(7));
+        assert_eq!(
+            got.end.pcr10(HashAlg::Sha256).unwrap(),
+            ima::replay(&all[..2], HashAlg::Sha256)
+        );
+        // Continue from the stored state: only the third entry is sent.
+        let stored = HostImaState {
+            state: got.end.clone(),
+            bank: HashAlg::Sha256,
+            runtime: BTreeMap::new(),
+        };
+        let next = ima_evidence(&all, &all, 2);
+        let got = check_ima_log(&next, Some(&stored), 7).unwrap().unwrap();
+        assert_eq!(got.entries.len(), 1);
+        assert_eq!(got.entries[0].name(), "/c");
+        assert_eq!(got.end.entries_verified, 3);
+        assert!(!got.restarted);
+        // The same continuation after a reboot cannot be followed.
+        let got = check_ima_log(&next, Some(&stored), 8).unwrap().unwrap();
+        assert!(got.restarted && got.entries.is_empty());
+        assert_eq!(got.end.entries_verified, 0);
+        // A list whose entries never reach the quote was altered.
+        let forged = vec![entry("/a"), entry("/x")];
+        let mut ev = ima_evidence(&forged, &forged, 0);
+        ev.pcrs = pcr10(&all[..2]);
+        let e = Failure::from(check_ima_log(&ev, None, 7).unwrap_err());
+        assert_eq!(e.code(), "ima_replay_mismatch");
+        assert_eq!(e.reason().pcr.map(|p| p.index), Some(IMA_PCR));
+        assert!(e.to_string().contains("entries 1-2"), "{e}");
+        // No PCR 10 in the quote.
+        let mut ev = ima_evidence(&all, &all, 0);
+        ev.pcrs = BTreeMap::new();
+        let e = Failure::from(check_ima_log(&ev, None, 7).unwrap_err());
+        assert_eq!(e.code(), "ima_pcr_not_quoted");
+        // Malformed lines name their line in the whole list.
+        let mut ev = ima_evidence(&all, &all, 2);
+        ev.ima.as_mut().unwrap().entries = "10 zz ima-ng\n".into();
+        let e = Failure::from(check_ima_log(&ev, Some(&stored), 7).unwrap_err());
+        assert_eq!(e.code(), "ima_malformed_line");
+        assert!(e.to_string().contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn runtime_failures_stick_and_changed_policies_start_over() {
+        let all: Vec<ImaEntry> = ["/a", "/b", "/rogue"].iter().map(|p| entry(p)).collect();
+        let policy = policy_of(vec![("runtime", runtime_part(&["/a", "/b"]))]);
+        let needs = LogNeeds::of(&policy);
+        assert!(!needs.uefi_log());
+        assert_eq!(needs.ima_from(None, Some(1)), Some(0));
+
+        let ev = ima_evidence(&all, &all, 0);
+        let checked = CheckedLogs {
+            uefi: None,
+            ima: check_ima_log(&ev, None, 1).unwrap(),
+        };
+        let j = judge(&ev.pcrs, &checked.logs(), &policy);
+        assert_eq!(j.faults.len(), 1, "{:?}", j.faults);
+        assert_eq!(j.faults[0].code, "ima_not_in_policy");
+        assert!(j.faults[0].message.contains("/rogue"));
+        assert!(j.faults[0].message.contains("IMA entry 3 (line 3)"));
+        let stored = HostImaState {
+            state: checked.ima.as_ref().unwrap().end.clone(),
+            bank: HashAlg::Sha256,
+            runtime: j.runtime.clone(),
+        };
+        // The next challenge continues after entry 3.
+        assert_eq!(needs.ima_from(Some(&stored), Some(1)), Some(3));
+        assert_eq!(needs.ima_from(Some(&stored), Some(2)), Some(0), "reboot");
+        // Nothing new: the failure stays.
+        let ev = ima_evidence(&all, &all, 3);
+        let checked = CheckedLogs {
+            uefi: None,
+            ima: check_ima_log(&ev, Some(&stored), 1).unwrap(),
+        };
+        assert_eq!(checked.ima.as_ref().unwrap().entries.len(), 0);
+        let j = judge(&ev.pcrs, &checked.logs(), &policy);
+        assert_eq!(j.faults[0].code, "ima_not_in_policy");
+        // A changed policy has not seen entries 1-3: not trusted, and the
+        // next challenge asks for the whole list.
+        let fixed = policy_of(vec![("runtime", runtime_part(&["/a", "/b", "/rogue"]))]);
+        let j = judge(&ev.pcrs, &checked.logs(), &fixed);
+        assert_eq!(j.faults[0].code, "ima_policy_not_applied");
+        assert_eq!(
+            LogNeeds::of(&fixed).ima_from(Some(&stored), Some(1)),
+            Some(0)
+        );
+        let ev = ima_evidence(&all, &all, 0);
+        let checked = CheckedLogs {
+            uefi: None,
+            ima: check_ima_log(&ev, Some(&stored), 1).unwrap(),
+        };
+        let j = judge(&ev.pcrs, &checked.logs(), &fixed);
+        assert!(j.faults.is_empty(), "{:?}", j.faults);
+        // No IMA sent at all: fail closed.
+        let j = judge(&ev.pcrs, &Logs::default(), &fixed);
+        assert_eq!(j.faults[0].code, "ima_missing");
+    }
+
+    #[test]
+    fn many_runtime_failures_are_summarized() {
+        let all: Vec<ImaEntry> = (0..12).map(|i| entry(&format!("/bad/{i}"))).collect();
+        let policy = policy_of(vec![("runtime", runtime_part(&[]))]);
+        let ev = ima_evidence(&all, &all, 0);
+        let checked = CheckedLogs {
+            uefi: None,
+            ima: check_ima_log(&ev, None, 1).unwrap(),
+        };
+        let j = judge(&ev.pcrs, &checked.logs(), &policy);
+        assert_eq!(j.faults.len(), MAX_RUNTIME_FAULTS + 1);
+        let last = j.faults.last().unwrap();
+        assert_eq!(last.code, "ima_more_failures");
+        assert!(last.message.starts_with("7 more"), "{}", last.message);
+    }
+
+    #[test]
+    fn uefi_log_replay_names_the_altered_event() {
+        let bytes = fixture("eventlog/create-mb-policy-secureboot.bin");
+        let log = eventlog::parse(&bytes).unwrap();
+        let replay = &log.replay()[&HashAlg::Sha256];
+        let mut pcrs: BTreeMap<u8, String> = replay
+            .iter()
+            .map(|(i, v)| (u8::try_from(*i).unwrap(), hex::encode(v)))
+            .collect();
+        pcrs.insert(IMA_PCR, hex::encode([0u8; 32]));
+        let mut ev = evidence(BTreeMap::from([(HashAlg::Sha256, pcrs)]));
+        let b64 = base64::engine::general_purpose::STANDARD;
+        ev.uefi_log = Some(b64.encode(&bytes));
+        let (kept, parsed) = check_uefi_log(&ev, None).unwrap().unwrap();
+        assert_eq!(
+            (kept.as_slice(), parsed.events.len()),
+            (bytes.as_slice(), log.events.len())
+        );
+
+        let app = log
+            .events
+            .iter()
+            .find(|e| e.event_type == eventlog::EV_EFI_BOOT_SERVICES_APPLICATION)
+            .unwrap();
+        let digest = app.digest(HashAlg::Sha256).unwrap();
+        let at = app.offset
+            + bytes[app.offset..app.data_offset]
+                .windows(32)
+                .position(|w| w == digest)
+                .unwrap();
+        let mut altered = bytes.clone();
+        altered[at] ^= 0x80;
+        ev.uefi_log = Some(b64.encode(&altered));
+        let e = Failure::from(check_uefi_log(&ev, Some(&bytes)).unwrap_err());
+        assert_eq!(
+            (e.step(), e.code()),
+            (Step::EventLog, "eventlog_replay_mismatch")
+        );
+        let fault = e.reason().pcr.unwrap();
+        assert_eq!((fault.index, fault.bank), (4, HashAlg::Sha256));
+        assert_eq!(fault.actual, Some(hex::encode(&replay[&4])));
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!(
+                "event {} (EV_EFI_BOOT_SERVICES_APPLICATION)",
+                app.index
+            )),
+            "{text}"
+        );
+        // Without the previous log, the PCR and its last event are named.
+        let e = Failure::from(check_uefi_log(&ev, None).unwrap_err());
+        assert!(e.to_string().contains("last event into it"), "{e}");
+        assert!(!e.to_string().contains("differs from"), "{e}");
+        // Garbage and a PCR the quote leaves out.
+        ev.uefi_log = Some("%%%".into());
+        assert_eq!(
+            Failure::from(check_uefi_log(&ev, None).unwrap_err()).code(),
+            "eventlog_encoding"
+        );
+        ev.uefi_log = Some(b64.encode(&bytes[..100]));
+        assert_eq!(
+            Failure::from(check_uefi_log(&ev, None).unwrap_err()).code(),
+            "eventlog_truncated"
+        );
+        ev.uefi_log = Some(b64.encode(&bytes));
+        ev.pcrs.get_mut(&HashAlg::Sha256).unwrap().remove(&14);
+        assert_eq!(
+            Failure::from(check_uefi_log(&ev, None).unwrap_err()).code(),
+            "eventlog_pcr_not_quoted"
+        );
+    }
+
+    #[test]
+    fn boot_parts_need_the_log_and_the_pcrs_it_extends() {
+        let bytes = fixture("eventlog/create-mb-policy-secureboot.bin");
+        let log = eventlog::parse(&bytes).unwrap();
+        let boot = proto::bootpolicy::BootPolicy::from_eventlog(&log);
+        let policy = policy_of(vec![(
+            "platform",
+            Part {
+                boot: Some(boot),
+                ..Part::default()
+            },
+        )]);
+        let needs = LogNeeds::of(&policy);
+        assert!(needs.uefi_log());
+        assert_eq!(needs.ima_from(None, None), None);
+        let base = BTreeMap::from([(HashAlg::Sha256, vec![0, 1, 2])]);
+        assert_eq!(
+            needs.selection(&base)[&HashAlg::Sha256],
+            vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14]
+        );
+        let j = judge(&PcrValues::new(), &Logs::default(), &policy);
+        assert_eq!(j.faults[0].code, "eventlog_missing");
+        let logs = Logs {
+            uefi: Some(&log),
+            ima: None,
+        };
+        let j = judge(&PcrValues::new(), &logs, &policy);
+        assert!(j.faults.is_empty(), "{:?}", j.faults);
+        assert_eq!(j.applied.parts[0].pcrs_checked, 1);
+        // A runtime part adds PCR 10 to every bank.
+        let both = policy_of(vec![("runtime", runtime_part(&[]))]);
+        let sel = LogNeeds::of(&both).selection(&base);
+        assert_eq!(sel[&HashAlg::Sha256], vec![0, 1, 2, 10]);
+    }
 }

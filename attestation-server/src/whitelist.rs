@@ -264,8 +264,9 @@ async fn attempt(
         if !judged_genuine(old) {
             continue;
         }
+        let stored_logs = verify::CheckedLogs::stored(&rec);
         let host_policy = policy_after(st, &p.change, &rec, &mut lookups).await?;
-        let j = verify::judge(pcrs, &host_policy);
+        let j = verify::judge(pcrs, &stored_logs.logs(), &host_policy);
         let new = HostTrust {
             trust: if j.faults.is_empty() {
                 Trust::Trusted
@@ -1008,7 +1009,7 @@ async fn set_own(
     wl: Whitelist,
 ) -> Result<Json<HostDetail>, Error> {
     known(st, host).await?;
-    let mut parts = Parts::from([(PART_HOST_UNIQUE.to_string(), Part { pcrs: wl.pcrs })]);
+    let mut parts = Parts::from([(PART_HOST_UNIQUE.to_string(), Part::of_pcrs(wl.pcrs))]);
     policy::normalize_parts(&mut parts)?;
     let name = own_whitelist(host);
     let head = st.store.whitelist(&name, None).await?;

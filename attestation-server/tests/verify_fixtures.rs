@@ -40,6 +40,8 @@ fn load(dir: &str, msg: &str, sig: &str) -> Fixture {
             attest: b64(attest_bytes),
             signature: b64(read(sig)),
             pcrs,
+            uefi_log: None,
+            ima: None,
         },
     }
 }
@@ -359,6 +361,7 @@ fn whitelist_validation_refuses_bad_shapes() {
             "host_unique".to_string(),
             Part {
                 pcrs: wl.pcrs.clone(),
+                ..Part::default()
             },
         )])
     };

@@ -6,18 +6,20 @@ use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::enrollment;
 use crate::error::Error;
+use crate::eventlogs;
 use crate::tpm::{AkInfo, Tpm};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use proto::client::{ApiClient, ClientError};
 use proto::wire::{
     ActivateRequest, ActivateResponse, Challenge, EnrollRequest, EnrollResponse, Evidence,
-    HostTrust, Trust,
+    HostTrust, ImaEvidence, Trust,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::Serialize;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 use tracing::{error, info, warn};
 
@@ -41,6 +43,8 @@ pub struct Agent {
     ak: Option<AkInfo>,
     /// Whether the server has activated `ak`.
     enrolled: bool,
+    uefi_log_path: PathBuf,
+    ima_log_path: PathBuf,
 }
 
 impl Agent {
@@ -64,6 +68,8 @@ impl Agent {
             tpm,
             ak: None,
             enrolled: false,
+            uefi_log_path: config.uefi_log_path.clone(),
+            ima_log_path: config.ima_log_path.clone(),
         })
     }
 
@@ -188,13 +194,48 @@ impl Agent {
                 return Err(e);
             }
         };
+        // After the quote: the logs then cover at least what it covers.
+        let (uefi_log, ima) = self.read_logs(&challenge).await;
         let evidence = Evidence {
             nonce: challenge.nonce,
             attest: BASE64.encode(&quote.attest),
             signature: BASE64.encode(&quote.signature),
             pcrs: quote.pcrs,
+            uefi_log,
+            ima,
         };
         Ok(self.client.post(&self.path("evidence"), &evidence).await?)
+    }
+
+    /// The logs the challenge asks for. A log that cannot be read is left
+    /// out with a warning: the server then judges the host without it, and
+    /// a policy that needs it fails (fail closed, with the reason named).
+    async fn read_logs(&self, challenge: &Challenge) -> (Option<String>, Option<ImaEvidence>) {
+        let uefi_path = self.uefi_log_path.clone();
+        let ima_path = self.ima_log_path.clone();
+        let want_uefi = challenge.uefi_log;
+        let ima_from = challenge.ima_from;
+        let read = tokio::task::spawn_blocking(move || {
+            let uefi = want_uefi
+                .then(|| eventlogs::read_uefi_log(&uefi_path, eventlogs::MAX_LOG_BYTES))
+                .and_then(|r| {
+                    r.map_err(
+                        |e| warn!(error = %e, "the server asked for the UEFI event log; not sent"),
+                    )
+                    .ok()
+                });
+            let ima = ima_from
+                .map(|from| eventlogs::read_ima(&ima_path, from, eventlogs::MAX_LOG_BYTES))
+                .and_then(|r| {
+                    r.map_err(|e| warn!(error = %e, "the server asked for the IMA list; not sent"))
+                        .ok()
+                });
+            (uefi, ima)
+        });
+        read.await.unwrap_or_else(|e| {
+            warn!(error = %e, "reading the event logs failed");
+            (None, None)
+        })
     }
 
     /// Stop the TPM worker (after its current request, if any).

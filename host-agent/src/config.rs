@@ -17,6 +17,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/host-agent";
 pub const DEFAULT_INTERVAL_SECS: u64 = 30;
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_BACKOFF_MAX_SECS: u64 = 60;
+pub const DEFAULT_UEFI_LOG_PATH: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
+pub const DEFAULT_IMA_LOG_PATH: &str = "/sys/kernel/security/ima/ascii_runtime_measurements";
 /// Upper bound of every `*_secs` key (one day): larger values are typos.
 pub const MAX_SECS: u64 = 86_400;
 
@@ -56,6 +58,8 @@ impl AkType {
 /// | `request_timeout_secs` | 10 | timeout of one HTTP request |
 /// | `backoff_max_secs` | 60 | cap of the retry delay while the server or TPM is unavailable |
 /// | `tls.ca`, `tls.cert`, `tls.key` | required | operator CA bundle, agent certificate and PKCS#8 key (PEM) |
+/// | `uefi_log_path` | `/sys/kernel/security/tpm0/binary_bios_measurements` | the UEFI event log, sent when a challenge asks for it |
+/// | `ima_log_path` | `/sys/kernel/security/ima/ascii_runtime_measurements` | the IMA list (ascii), sent from the entry a challenge names |
 ///
 /// Relative paths in a config file are resolved against that file's
 /// directory; relative paths from the environment against the working
@@ -71,6 +75,8 @@ pub struct AgentConfig {
     pub request_timeout_secs: u64,
     pub backoff_max_secs: u64,
     pub tls: TlsFiles,
+    pub uefi_log_path: PathBuf,
+    pub ima_log_path: PathBuf,
 }
 
 /// The built-in defaults layer (the keys that have a default).
@@ -82,6 +88,8 @@ struct Defaults {
     state_dir: &'static str,
     request_timeout_secs: u64,
     backoff_max_secs: u64,
+    uefi_log_path: &'static str,
+    ima_log_path: &'static str,
 }
 
 const DEFAULTS: Defaults = Defaults {
@@ -91,6 +99,8 @@ const DEFAULTS: Defaults = Defaults {
     state_dir: DEFAULT_STATE_DIR,
     request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
     backoff_max_secs: DEFAULT_BACKOFF_MAX_SECS,
+    uefi_log_path: DEFAULT_UEFI_LOG_PATH,
+    ima_log_path: DEFAULT_IMA_LOG_PATH,
 };
 
 /// What the layers are extracted into: paths remember which file set them.
@@ -106,6 +116,8 @@ struct Layered {
     request_timeout_secs: u64,
     backoff_max_secs: u64,
     tls: LayeredTls,
+    uefi_log_path: RelativePathBuf,
+    ima_log_path: RelativePathBuf,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +162,8 @@ fn from_figment(figment: Figment) -> Result<AgentConfig, Error> {
             cert: layered.tls.cert.relative(),
             key: layered.tls.key.relative(),
         },
+        uefi_log_path: layered.uefi_log_path.relative(),
+        ima_log_path: layered.ima_log_path.relative(),
     };
     config.validate()?;
     Ok(config)
@@ -227,8 +241,14 @@ impl AgentConfig {
                 ));
             }
         }
-        if self.state_dir.as_os_str().is_empty() {
-            return Err(Error::config("state_dir", "must not be empty"));
+        for (key, path) in [
+            ("state_dir", &self.state_dir),
+            ("uefi_log_path", &self.uefi_log_path),
+            ("ima_log_path", &self.ima_log_path),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(Error::config(key, "must not be empty"));
+            }
         }
         for (key, file) in [
             ("tls.ca", &self.tls.ca),
@@ -288,6 +308,8 @@ mod tests {
             assert_eq!(cfg.request_timeout_secs, 10);
             assert_eq!(cfg.backoff_max_secs, 60);
             assert_eq!(cfg.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+            assert_eq!(cfg.uefi_log_path, PathBuf::from(DEFAULT_UEFI_LOG_PATH));
+            assert_eq!(cfg.ima_log_path, PathBuf::from(DEFAULT_IMA_LOG_PATH));
             Ok(())
         });
     }
@@ -305,7 +327,9 @@ mod tests {
             jail.set_env("HOST_AGENT_AK_TYPE", "ecc");
             jail.set_env("HOST_AGENT_TCTI", "swtpm:host=127.0.0.1,port=2321");
             jail.set_env("HOST_AGENT_TLS__CA", "other-ca.pem");
+            jail.set_env("HOST_AGENT_IMA_LOG_PATH", "ima.txt");
             let cfg = load(Some(Path::new("agent.toml"))).unwrap();
+            assert_eq!(cfg.ima_log_path, PathBuf::from("ima.txt"));
             assert_eq!(cfg.interval_secs, 5);
             assert_eq!(cfg.ak_type, AkType::Ecc);
             assert_eq!(cfg.tcti, "swtpm:host=127.0.0.1,port=2321");

@@ -7,6 +7,7 @@
 //! - [`enrollment`]: the enrollment protocol's pure parts (refusal codes,
 //!   activation proof).
 //! - [`agent`]: enrollment and the attestation loop ([`run`], [`Agent`]).
+//! - [`eventlogs`]: reading the UEFI and IMA logs a challenge asks for.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod backoff;
 pub mod config;
 pub mod enrollment;
 pub mod error;
+pub mod eventlogs;
 pub mod tpm;
 
 pub use agent::{run, termination_signal, Agent};

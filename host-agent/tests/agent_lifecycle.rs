@@ -81,6 +81,8 @@ async fn run_backs_off_while_server_is_down_and_stops_on_shutdown() {
         request_timeout_secs: 2,
         backoff_max_secs: 1,
         tls: make_pki(dir.path(), "node1"),
+        uefi_log_path: dir.path().join("binary_bios_measurements"),
+        ima_log_path: dir.path().join("ascii_runtime_measurements"),
     };
     config.validate().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -133,6 +135,8 @@ async fn run_refuses_to_start_with_unusable_tls_files() {
         request_timeout_secs: 2,
         backoff_max_secs: 1,
         tls,
+        uefi_log_path: dir.path().join("binary_bios_measurements"),
+        ima_log_path: dir.path().join("ascii_runtime_measurements"),
     };
     let outcome = tokio::time::timeout(DEADLINE, host_agent::run(config, std::future::pending()))
         .await

@@ -34,12 +34,34 @@ pub fn default_pcrs(part: &str) -> Option<&'static [u8]> {
 }
 
 /// The acceptable values of one part: any listed value of a PCR passes, so
-/// old and new firmware can both pass during a rolling upgrade.
+/// old and new firmware can both pass during a rolling upgrade. A part may
+/// also judge the host's event logs: `boot` the UEFI log (event by event,
+/// see `docs/eventlog.md`), `runtime` the IMA list (file by file, see
+/// `docs/ima.md`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Part {
     #[serde(default, deserialize_with = "unique_pcrs")]
     pub pcrs: PcrWhitelist,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::bootpolicy::BootPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<crate::runtime_policy::PolicyDocument>,
+}
+
+impl Part {
+    /// A part of PCR values only.
+    pub fn of_pcrs(pcrs: PcrWhitelist) -> Self {
+        Part {
+            pcrs,
+            ..Part::default()
+        }
+    }
+
+    /// True when the part judges nothing: no PCR, no boot or runtime policy.
+    pub fn is_empty(&self) -> bool {
+        self.pcrs.values().all(BTreeMap::is_empty) && self.boot.is_none() && self.runtime.is_none()
+    }
 }
 
 pub type Parts = BTreeMap<String, Part>;
@@ -290,6 +312,16 @@ pub enum PolicyError {
     Description,
     #[error("Keylime tpm_policy: {0}")]
     Keylime(String),
+    #[error("part {part}: boot policy: {source}")]
+    BootPolicy {
+        part: String,
+        source: crate::bootpolicy::BootPolicyError,
+    },
+    #[error("part {part}: runtime policy: {source}")]
+    RuntimePolicy {
+        part: String,
+        source: crate::runtime_policy::PolicyError,
+    },
 }
 
 impl PolicyError {
@@ -304,6 +336,8 @@ impl PolicyError {
             PolicyError::DuplicateWhitelist(_) => "duplicate_name",
             PolicyError::Description => "description_too_long",
             PolicyError::Keylime(_) => "keylime_policy_malformed",
+            PolicyError::BootPolicy { .. } => "boot_policy_invalid",
+            PolicyError::RuntimePolicy { .. } => "runtime_policy_invalid",
         }
     }
 }
@@ -332,6 +366,20 @@ pub fn valid_name(name: &str) -> Result<(), PolicyError> {
 pub fn normalize_parts(parts: &mut Parts) -> Result<(), PolicyError> {
     for (part, p) in parts.iter_mut() {
         valid_name(part)?;
+        if let Some(boot) = &p.boot {
+            boot.validate().map_err(|source| PolicyError::BootPolicy {
+                part: part.clone(),
+                source,
+            })?;
+        }
+        if let Some(doc) = &p.runtime {
+            crate::runtime_policy::RuntimePolicy::new(doc.clone())
+                .validate()
+                .map_err(|source| PolicyError::RuntimePolicy {
+                    part: part.clone(),
+                    source,
+                })?;
+        }
         for (bank, indices) in p.pcrs.iter_mut() {
             for (index, values) in indices.iter_mut() {
                 if *index > MAX_PCR {
@@ -509,9 +557,7 @@ pub fn part_from_keylime_tpm_policy(json: &str, bank: HashAlg) -> Result<Part, P
     let mut parts = Parts::new();
     parts.insert(
         "keylime".into(),
-        Part {
-            pcrs: BTreeMap::from([(bank, pcrs)]),
-        },
+        Part::of_pcrs(BTreeMap::from([(bank, pcrs)])),
     );
     normalize_parts(&mut parts)?;
     Ok(parts.remove("keylime").unwrap_or_default())
@@ -569,9 +615,10 @@ mod tests {
     }
 
     fn part(index: u8, values: &[String]) -> Part {
-        Part {
-            pcrs: BTreeMap::from([(HashAlg::Sha256, BTreeMap::from([(index, values.to_vec())]))]),
-        }
+        Part::of_pcrs(BTreeMap::from([(
+            HashAlg::Sha256,
+            BTreeMap::from([(index, values.to_vec())]),
+        )]))
     }
 
     #[test]
@@ -627,6 +674,49 @@ mod tests {
         for (mut parts, code) in cases {
             assert_eq!(normalize_parts(&mut parts).unwrap_err().code(), code);
         }
+    }
+
+    #[test]
+    fn boot_and_runtime_policies_are_validated() {
+        let boot = |version: u32, cmdline: &str| serde_json::json!({"version": version, "bank": "sha256", "kernel_cmdline": [cmdline]});
+        let ok: Part = serde_json::from_value(serde_json::json!({
+            "boot": boot(1, "^/vmlinuz"),
+            "runtime": {"digests": {"/usr/bin/x": ["sha256:".to_owned() + &hex32(1)]}}
+        }))
+        .unwrap();
+        assert!(!ok.is_empty() && Part::default().is_empty());
+        let mut parts = Parts::from([("os".to_string(), ok.clone())]);
+        normalize_parts(&mut parts).unwrap();
+        // Absent policies stay absent in JSON (old clients read new parts).
+        let plain = serde_json::to_string(&part(0, &[hex32(1)])).unwrap();
+        assert!(
+            !plain.contains("boot") && !plain.contains("runtime"),
+            "{plain}"
+        );
+
+        let mut bad_regex = ok.clone();
+        bad_regex.boot = serde_json::from_value(boot(1, "(")).unwrap();
+        let mut bad_version = ok.clone();
+        bad_version.boot = serde_json::from_value(boot(9, "x")).unwrap();
+        let mut bad_digest = ok.clone();
+        bad_digest.runtime =
+            serde_json::from_value(serde_json::json!({"digests": {"/usr/bin/x": ["sha256:00"]}}))
+                .unwrap();
+        for (p, code, text) in [
+            (bad_regex, "boot_policy_invalid", "kernel_cmdline"),
+            (bad_version, "boot_policy_invalid", "version 9"),
+            (bad_digest, "runtime_policy_invalid", "/usr/bin/x"),
+        ] {
+            let mut parts = Parts::from([("os".to_string(), p)]);
+            let e = normalize_parts(&mut parts).unwrap_err();
+            assert_eq!(e.code(), code);
+            assert!(
+                e.to_string().contains("part os") && e.to_string().contains(text),
+                "{e}"
+            );
+        }
+        let unknown = serde_json::json!({"boot": {"version": 1, "bank": "sha256", "pcr99": 1}});
+        assert!(serde_json::from_value::<Part>(unknown).is_err());
     }
 
     #[test]

@@ -98,6 +98,12 @@ pub struct Challenge {
     pub nonce: String,
     pub pcr_selection: PcrSelectionMap,
     pub expires_at: DateTime<Utc>,
+    /// Send the UEFI event log (a whitelist part of the host has a boot policy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uefi_log: bool,
+    /// Send the IMA entries from this index (0-based) on; absent: no IMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ima_from: Option<u64>,
 }
 
 /// `POST /v1/agents/{host}/evidence` body.
@@ -112,6 +118,22 @@ pub struct Evidence {
     pub signature: String,
     /// The quoted PCR values.
     pub pcrs: PcrValues,
+    /// base64 of the binary UEFI event log, when the challenge asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uefi_log: Option<String>,
+    /// IMA entries, when the challenge asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ima: Option<ImaEvidence>,
+}
+
+/// The IMA measurement list from entry `from` (0-based) on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImaEvidence {
+    /// Index of the first entry sent: the challenge's `ima_from`.
+    pub from: u64,
+    /// The ascii list lines (`ascii_runtime_measurements`) from `from` on.
+    pub entries: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -281,6 +303,26 @@ mod tests {
         assert!(serde_json::from_str::<Evidence>(extra).is_err());
         let bad_bank = r#"{"nonce":"00","attest":"","signature":"","pcrs":{"md5":{}}}"#;
         assert!(serde_json::from_str::<Evidence>(bad_bank).is_err());
+        // The logs are optional, and absent ones are not serialized.
+        assert!(ev.uefi_log.is_none() && ev.ima.is_none());
+        assert!(!serde_json::to_string(&ev).unwrap().contains("ima"));
+        let logs = r#"{"nonce":"00","attest":"","signature":"","pcrs":{},"uefi_log":"AA==","ima":{"from":3,"entries":"10 x"}}"#;
+        let ev: Evidence = serde_json::from_str(logs).unwrap();
+        assert_eq!(ev.ima.as_ref().map(|i| i.from), Some(3));
+        let bad_ima = r#"{"nonce":"00","attest":"","signature":"","pcrs":{},"ima":{"from":0,"entries":"","x":1}}"#;
+        assert!(serde_json::from_str::<Evidence>(bad_ima).is_err());
+    }
+
+    #[test]
+    fn challenge_log_requests_default_to_none() {
+        let c = r#"{"nonce":"00","pcr_selection":{},"expires_at":"2026-01-01T00:00:00Z"}"#;
+        let ch: Challenge = serde_json::from_str(c).unwrap();
+        assert!(!ch.uefi_log && ch.ima_from.is_none());
+        let json = serde_json::to_string(&ch).unwrap();
+        assert!(
+            !json.contains("uefi_log") && !json.contains("ima_from"),
+            "{json}"
+        );
     }
 
     #[test]

@@ -46,6 +46,8 @@ impl Host {
             attest: B64.encode(&q.attest),
             signature: B64.encode(&q.signature),
             pcrs: q.pcrs,
+            uefi_log: None,
+            ima: None,
         }
     }
 

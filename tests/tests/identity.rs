@@ -108,6 +108,8 @@ async fn attest(api: &ApiClient, host: &str, m: &Machine) -> Result<HostTrust, C
         attest: B64.encode(q.attest),
         signature: B64.encode(q.signature),
         pcrs: q.pcrs,
+        uefi_log: None,
+        ima: None,
     };
     api.post(&format!("/v1/agents/{host}/evidence"), &ev).await
 }
