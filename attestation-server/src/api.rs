@@ -30,7 +30,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/agents/{host}/enroll", post(crate::enroll::enroll))
         .route("/v1/agents/{host}/activate", post(crate::enroll::activate))
         .route("/v1/agents/{host}/challenge", post(challenge))
-        .route("/v1/agents/{host}/evidence", post(evidence))
+        .route(
+            "/v1/agents/{host}/evidence",
+            post(evidence).layer(DefaultBodyLimit::max(state.config.max_evidence_bytes)),
+        )
         .route("/v1/hosts", post(register_host))
         .route("/v1/hosts/{host}", get(host_detail))
         .route("/v1/hosts/{host}/trust", get(host_trust))
@@ -113,7 +116,11 @@ pub struct Body<T>(pub T);
 impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Body<T> {
     type Rejection = Error;
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Error> {
-        let limit = state.config.max_body_bytes;
+        let limit = if req.uri().path().ends_with("/evidence") {
+            state.config.max_evidence_bytes
+        } else {
+            state.config.max_body_bytes
+        };
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| {

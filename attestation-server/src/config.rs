@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub challenge_ttl_secs: u64,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Largest accepted evidence body: evidence carries the UEFI event log
+    /// and IMA entries when the host's policy asks for them.
+    pub max_evidence_bytes: usize,
     /// The PCRs every challenge asks for.
     pub pcr_selection: PcrSelectionMap,
     /// TPM manufacturer CA certificates (PEM or DER files, or directories of
@@ -123,6 +126,7 @@ impl Default for ServerConfig {
             freshness_secs: 120,
             challenge_ttl_secs: 60,
             max_body_bytes: 64 * 1024,
+            max_evidence_bytes: 16 * 1024 * 1024,
             pcr_selection: [(HashAlg::Sha256, (0..=10).collect())]
                 .into_iter()
                 .collect(),
@@ -235,6 +239,9 @@ impl ServerConfig {
         }
         if self.max_body_bytes < 1024 {
             return bad("max_body_bytes", "must be at least 1024".into());
+        }
+        if self.max_evidence_bytes < 1024 {
+            return bad("max_evidence_bytes", "must be at least 1024".into());
         }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1".into());

@@ -101,6 +101,7 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
         |c| {
             c.challenge_ttl_secs = 2;
             c.max_body_bytes = 16 * 1024;
+            c.max_evidence_bytes = 16 * 1024;
             c.ek_ca = cas.clone();
         },
     )
