@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod check;
+pub mod eventlog;
 pub mod ima;
 pub mod whitelist;
-pub mod eventlog;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,7 +105,6 @@ pub enum HostCommand {
     /// motherboard replacement); until then such an enrollment is refused.
     Rekey { host: String },
 }
-
 
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {

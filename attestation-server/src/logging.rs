@@ -42,8 +42,7 @@ fn usable(id: &HeaderValue) -> Option<String> {
     let s = id.to_str().ok()?;
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     ok.then(|| s.to_string())
 }

@@ -256,10 +256,12 @@ impl ApiClient {
             }
         };
         if status.is_success() {
-            return Ok(serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-                url,
-                detail: e.to_string(),
-            }));
+            return Ok(
+                serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+                    url,
+                    detail: e.to_string(),
+                }),
+            );
         }
         let err = api_error(status, &bytes);
         // 503: that server cannot serve now (its database is away); it did

@@ -8,10 +8,10 @@
 
 pub mod bootpolicy;
 pub mod cadf;
-pub mod ima;
-pub mod runtime_policy;
 pub mod eventlog;
+pub mod ima;
 pub mod policy;
+pub mod runtime_policy;
 pub mod token;
 pub mod tpm;
 pub mod wire;

@@ -16,10 +16,7 @@ fn server_example_loads() {
     let c = attestation_server::config::ServerConfig::load(Some(&example("server.toml"))).unwrap();
     assert_eq!(c.listen.port(), 8443);
     assert_eq!((c.max_connections, c.request_timeout_secs), (4096, 30));
-    assert_eq!(
-        c.log_format,
-        attestation_server::logging::LogFormat::Json
-    );
+    assert_eq!(c.log_format, attestation_server::logging::LogFormat::Json);
     assert_eq!(
         c.ek_ca,
         vec![PathBuf::from("/etc/attestation-server/ek-ca")]
