@@ -601,12 +601,34 @@ pub(crate) fn group_from_parts(
     })
 }
 
+/// Serializes this process's writes to SQLite, which admits one writer at
+/// a time: waiting here costs nothing, while SQLite's own busy handler
+/// sleeps in steps of milliseconds when two connections collide. PostgreSQL
+/// needs no gate (row locks).
+pub(crate) struct WriteGate(Option<tokio::sync::Mutex<()>>);
+
+impl WriteGate {
+    pub(crate) fn exclusive() -> Self {
+        WriteGate(Some(tokio::sync::Mutex::new(())))
+    }
+    pub(crate) fn none() -> Self {
+        WriteGate(None)
+    }
+    pub(crate) async fn lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.0 {
+            Some(m) => Some(m.lock().await),
+            None => None,
+        }
+    }
+}
+
 /// The SQL shared by both backends, instantiated once per pool type.
 macro_rules! sql_store {
     ($store:ident, $db:ty, $verdicts_json:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn register_host(&self, host: &str, now: chrono::DateTime<chrono::Utc>) -> Result<bool, $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 let done = sqlx::query("INSERT INTO hosts (name, registered_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
                     .bind(host)
                     .bind($crate::store::micros(now))
@@ -689,6 +711,7 @@ macro_rules! sql_store {
                 e: &$crate::store::Enrollment,
                 event: &$crate::store::NewEvent,
             ) -> Result<(), $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO enrollments (id, host, ek_public, ek_name, ek_certified, ak_public, ak_name, proof, created_at, expires_at) \
@@ -761,6 +784,7 @@ macro_rules! sql_store {
                 event: &$crate::store::NewEvent,
             ) -> Result<$crate::store::ActivateOutcome, $crate::store::StoreError> {
                 use sqlx::Row;
+                let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
                 // Write first: a SQLite transaction that reads and then writes
                 // fails at once (SQLITE_BUSY) if another writer committed in
@@ -801,6 +825,7 @@ macro_rules! sql_store {
             }
 
             async fn allow_rekey(&self, host: &str, event: &$crate::store::NewEvent) -> Result<bool, $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
                 let done = sqlx::query("UPDATE hosts SET rekey_allowed = TRUE WHERE name = $1")
                     .bind(host)
@@ -815,6 +840,7 @@ macro_rules! sql_store {
             }
 
             async fn insert_challenge(&self, ch: &$crate::store::NewChallenge) -> Result<(), $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 sqlx::query("INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
                     .bind(&ch.nonce)
                     .bind(&ch.host)
@@ -832,6 +858,7 @@ macro_rules! sql_store {
                 host: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Option<$crate::verify::IssuedChallenge>, $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 use sqlx::Row;
                 let taken = sqlx::query(
                     "UPDATE challenges SET used_at = $1 WHERE nonce = $2 AND host = $3 AND used_at IS NULL \
@@ -864,6 +891,7 @@ macro_rules! sql_store {
             }
 
             async fn record_attestation_with_logs(&self, host: &str, rec: $crate::store::AttestationRecord<'_>, logs: $crate::store::LogRecord<'_>) -> Result<bool, $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
                 if let Some(epoch) = rec.policy_epoch {
                     // Locks the host row first (as policy changes do), so the
@@ -917,6 +945,7 @@ macro_rules! sql_store {
             }
 
             async fn record_event(&self, event: &$crate::store::NewEvent) -> Result<(), $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
                 insert_event(&mut tx, event).await?;
                 tx.commit().await?;
@@ -1037,6 +1066,7 @@ macro_rules! sql_store {
                 use $crate::store::{ApplyOutcome, PolicyChange};
                 use sqlx::Row;
                 // Returning early drops the transaction: nothing is stored.
+                let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
                 // Host rows first (the lock order of record_attestation).
                 let mut sorted: Vec<&String> = affected.iter().collect();
@@ -1430,6 +1460,7 @@ macro_rules! sql_store {
                 state: &str,
                 event: &$crate::store::NewEvent,
             ) -> Result<(), $crate::store::StoreError> {
+                let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO audit_trust_state (host, state) VALUES ($1, $2) \

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 pub struct PgStore {
     pool: PgPool,
+    gate: super::WriteGate,
 }
 
 impl PgStore {
@@ -19,7 +20,10 @@ impl PgStore {
         // The migrator takes an advisory lock, so servers starting together
         // against one database migrate it once.
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            gate: super::WriteGate::none(),
+        })
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    gate: super::WriteGate,
 }
 
 impl SqliteStore {
@@ -26,7 +27,10 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            gate: super::WriteGate::exclusive(),
+        })
     }
 }
 
