@@ -62,3 +62,86 @@ async fn a_locked_sqlite_database_is_503_then_recovers() -> anyhow::Result<()> {
     pool.stop().await;
     Ok(())
 }
+
+/// A TLS connection to the server with the admin certificate, handshake done.
+fn tls_connect(
+    addr: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(8)))?;
+    tcp.set_write_timeout(Some(std::time::Duration::from_secs(8)))?;
+    let ip: std::net::IpAddr = addr.split(':').next().unwrap_or_default().parse()?;
+    let conn =
+        rustls::ClientConnection::new(config, rustls_pki_types::ServerName::IpAddress(ip.into()))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+/// Slowloris: a body that never finishes is cut off with `408
+/// request_timeout`; and at most `max_connections` connections are served
+/// at once, the next client waiting until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_connections_are_limited() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let pool = Pool::start(&[("node1", "device:/dev/null".to_string())], 30, |c| {
+        c.request_timeout_secs = 1;
+        c.max_connections = 2;
+    })
+    .await?;
+    let addr = pool.url.trim_start_matches("https://").to_string();
+    let config = std::sync::Arc::new(proto::client::rustls_config(&pool.files("admin"))?);
+
+    // 1. Headers promise a 100-byte body; one byte arrives, then nothing.
+    let (a, c) = (addr.clone(), config.clone());
+    let answer = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let mut s = tls_connect(&a, c)?;
+        s.write_all(
+            b"POST /v1/hosts HTTP/1.1\r\nhost: attest\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+        )?;
+        s.flush()?;
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // 2. Two idle connections take both slots: a third client is not
+    //    served; once they close, it is.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (a, c) = (addr.clone(), config.clone());
+    let held = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<_>> {
+        Ok(vec![tls_connect(&a, c.clone())?, tls_connect(&a, c)?])
+    })
+    .await??;
+    let quick = proto::client::ApiClient::new(
+        &pool.url,
+        &pool.files("admin"),
+        std::time::Duration::from_millis(1500),
+    )?;
+    let waiting = quick.get::<serde_json::Value>("/v1/status").await;
+    assert!(
+        waiting.is_err(),
+        "served beyond max_connections: {waiting:?}"
+    );
+    drop(held);
+    let mut served = None;
+    for _ in 0..20 {
+        if let Ok(v) = quick.get::<serde_json::Value>("/v1/status").await {
+            served = Some(v);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        served.is_some(),
+        "a slot freed up once the idle connections closed"
+    );
+    pool.stop().await;
+    Ok(())
+}
