@@ -256,3 +256,67 @@ async fn a_partitioned_host_turns_unknown_and_recovers_by_itself() -> anyhow::Re
     pool.stop().await;
     Ok(())
 }
+
+/// The host's clock jumps: the TPM clock (what the verifier checks, never
+/// the host's wall clock) is set ten days ahead with TPM2_ClockSet. Forward
+/// time is not a replay: the host stays trusted, with no reboot or
+/// rollback reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_clock_jumping_forward_is_not_a_replay() -> anyhow::Result<()> {
+    use proto::wire::Trust;
+    test_support::require_tools()?;
+    let tpm = test_support::SwTpm::start()?;
+    let pool = Pool::start(&[("node1", tpm.tcti())], 1, |c| {
+        c.ek_ca = tpm.local_ca_certs();
+    })
+    .await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
+        let _ = stopped.await;
+    }));
+    pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
+        .await?;
+    let _: serde_json::Value = pool
+        .client("admin")?
+        .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
+        .await?;
+    let before = pool
+        .wait_for("node1", "trusted", |t| t.trust == Trust::Trusted)
+        .await?;
+
+    let out = tpm.run_tool("tpm2_readclock", Vec::<&str>::new())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let clock: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("clock: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("tpm2_readclock prints the clock");
+    let ten_days_ms = 10 * 24 * 3600 * 1000;
+    let set = tpm.run_tool("tpm2_setclock", [(clock + ten_days_ms).to_string()])?;
+    assert!(set.status.success(), "{set:?}");
+    let jumped_at = chrono::Utc::now();
+    assert!(before.verified_at < Some(jumped_at));
+
+    let after = pool
+        .wait_for("node1", "a verdict after the jump", |t| {
+            t.verified_at > Some(jumped_at)
+        })
+        .await?;
+    let later = pool
+        .wait_for("node1", "another verdict", |t| {
+            t.verified_at > after.verified_at
+        })
+        .await?;
+    for v in [&after, &later] {
+        assert_eq!(v.trust, Trust::Trusted, "{v:?}");
+    }
+    let events = pool.audit_events().await?;
+    assert!(
+        !events.iter().any(|e| e["action"] == "monitor"),
+        "a clock jump is not a reboot"
+    );
+    let _ = stop.send(());
+    agent.await??;
+    pool.stop().await;
+    Ok(())
+}
