@@ -1,0 +1,94 @@
+//! IMA measurement lists (ascii and binary) as agents send them, verified
+//! against a small keylime runtime policy; and the runtime policy formats
+//! operators upload (our JSON, keylime's JSON, plain allowlists). The first
+//! byte picks the parser, the rest is its input.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use proto::ima::{self, ImaState};
+use proto::runtime_policy::RuntimePolicy;
+use proto::HashAlg;
+use std::sync::OnceLock;
+
+static POLICY_JSON: &[u8] = include_bytes!("../../fixtures/ima/keylime-policy-sha256");
+
+fn policy() -> Option<&'static RuntimePolicy> {
+    static POLICY: OnceLock<Option<RuntimePolicy>> = OnceLock::new();
+    POLICY
+        .get_or_init(|| RuntimePolicy::from_keylime_json(POLICY_JSON).ok())
+        .as_ref()
+}
+
+const BANKS: [HashAlg; 2] = [HashAlg::Sha1, HashAlg::Sha256];
+
+/// The entries without their positions (`line`: ascii line or binary
+/// offset), which re-encoding legitimately changes (blank lines dropped).
+fn unplaced(entries: &[ima::ImaEntry]) -> Vec<ima::ImaEntry> {
+    entries
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.line = 0;
+            e
+        })
+        .collect()
+}
+
+fn check_entries(entries: &[ima::ImaEntry]) {
+    for e in entries {
+        let _ = (e.name(), e.digest(), e.is_violation());
+        let _ = e.template_hash_for(HashAlg::Sha256);
+    }
+    let _ = ima::replay(entries, HashAlg::Sha256);
+    if let Some(p) = policy() {
+        let state = ImaState::new(None, None, &BANKS);
+        let _ = ima::verify(entries, p, &state, HashAlg::Sha256);
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 6 {
+        0 => {
+            if let Ok(entries) = ima::parse_ascii(rest) {
+                check_entries(&entries);
+                // What we print we must read back the same (but for positions).
+                let text = ima::encode_ascii(&entries);
+                let again = ima::parse_ascii(text.as_bytes()).map(|a| unplaced(&a));
+                assert_eq!(again.ok(), Some(unplaced(&entries)), "ascii round trip");
+            }
+        }
+        1 => {
+            if let Ok(entries) = ima::parse_binary(rest) {
+                check_entries(&entries);
+                let again = ima::parse_binary(&ima::encode_binary(&entries)).map(|a| unplaced(&a));
+                assert_eq!(again.ok(), Some(unplaced(&entries)), "binary round trip");
+            }
+        }
+        2 => {
+            if let Some(p) = policy() {
+                let state = ImaState::new(None, None, &BANKS);
+                let _ = ima::verify_ascii(rest, 0, p, &state, HashAlg::Sha256);
+            }
+        }
+        3 => {
+            if let Ok(p) = RuntimePolicy::from_json(rest) {
+                let _ = p.validate();
+            }
+        }
+        4 => {
+            if let Ok(p) = RuntimePolicy::from_keylime_json(rest) {
+                let _ = p.validate();
+            }
+        }
+        _ => {
+            if let Ok(text) = std::str::from_utf8(rest) {
+                if let Ok(p) = RuntimePolicy::from_allowlist(text) {
+                    let _ = p.validate();
+                }
+            }
+        }
+    }
+});
