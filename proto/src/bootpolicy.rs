@@ -318,7 +318,14 @@ impl BootPolicy {
         let boot_applications = digests(&|e| e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION);
         let grub_files = digests(&|e| e.event_type == EV_IPL && e.pcr == GRUB_FILE_PCR);
         let mut cmdlines: Vec<String> = Vec::new();
-        for (_, line) in log.events.iter().filter_map(kernel_cmdline) {
+        // Only command lines the TPM measured: a logged string that does not
+        // hash to its event's digest is not evidence and must not become
+        // policy (the same events that `evaluate` refuses).
+        let bound = log
+            .events
+            .iter()
+            .filter_map(|e| kernel_cmdline(e).filter(|(text, _)| grub_string_bound(e, text, bank)));
+        for (_, line) in bound {
             let pattern = format!("^{}$", regex::escape(line));
             if !cmdlines.contains(&pattern) {
                 cmdlines.push(pattern);
@@ -840,6 +847,13 @@ mod tests {
         let faults = p.evaluate(&unbound);
         assert_eq!(faults[0].code, BootFaultCode::EventDataDigestMismatch);
         assert_eq!(faults[0].event_index, Some(index));
+        // A policy generated from that log does not take the forged string.
+        let generated = BootPolicy::from_eventlog(&unbound);
+        let patterns = generated.kernel_cmdline.unwrap_or_default();
+        assert!(
+            !patterns.iter().any(|p| p.contains("init=/bin/sh")),
+            "{patterns:?}"
+        );
     }
 
     #[test]
