@@ -553,13 +553,7 @@ impl Verified {
     /// Judge the same genuine evidence again, against `policy` as it is now.
     pub fn rejudge(&mut self, policy: &HostPolicy) {
         let j = judge(&self.pcrs, &self.logs.logs(), policy);
-        self.verdict.trust = if j.faults.is_empty() {
-            Trust::Trusted
-        } else {
-            Trust::Untrusted
-        };
-        self.verdict.reasons = j.faults;
-        self.verdict.policy = Some(j.applied);
+        self.verdict = rejudged(&self.verdict, j.faults, j.applied);
         if let (Some(state), Some(ima)) = (&mut self.ima_state, &self.logs.ima) {
             state.runtime = merged_runtime(ima, j.runtime);
         }
@@ -1462,6 +1456,26 @@ fn judge_part(
     (faults, checked)
 }
 
+/// Trusted only when no fault was found.
+fn trust_of(faults: &[Reason]) -> Trust {
+    if faults.is_empty() {
+        Trust::Trusted
+    } else {
+        Trust::Untrusted
+    }
+}
+
+/// The verdict on the same evidence judged anew (a policy changed): its
+/// time and expiry stay, trust, reasons and policy are the new judgement's.
+pub fn rejudged(base: &HostTrust, faults: Vec<Reason>, applied: AppliedPolicy) -> HostTrust {
+    HostTrust {
+        trust: trust_of(&faults),
+        reasons: faults,
+        policy: Some(applied),
+        ..base.clone()
+    }
+}
+
 /// Step 8: trusted only when no fault was found.
 pub fn verdict(
     host: &str,
@@ -1471,11 +1485,7 @@ pub fn verdict(
 ) -> HostTrust {
     HostTrust {
         host: host.to_string(),
-        trust: if faults.is_empty() {
-            Trust::Trusted
-        } else {
-            Trust::Untrusted
-        },
+        trust: trust_of(&faults),
         verified_at: Some(verified_at),
         expires_at: Some(verified_at + freshness),
         reasons: faults,

@@ -24,7 +24,7 @@ use proto::policy::{
     self, ChangeReport, DiffEntry, GoldenImport, Group, GroupSpec, Membership, Part, Parts,
     VerdictChange, WhitelistSpec, WhitelistSummary, WhitelistVersion, PART_HOST_UNIQUE,
 };
-use proto::wire::{HostDetail, HostTrust, Trust, Whitelist};
+use proto::wire::{HostDetail, HostTrust, Whitelist};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -267,16 +267,7 @@ async fn attempt(
         let stored_logs = verify::CheckedLogs::stored(&rec);
         let host_policy = policy_after(st, &p.change, &rec, &mut lookups).await?;
         let j = verify::judge(pcrs, &stored_logs.logs(), &host_policy);
-        let new = HostTrust {
-            trust: if j.faults.is_empty() {
-                Trust::Trusted
-            } else {
-                Trust::Untrusted
-            },
-            reasons: j.faults,
-            policy: Some(j.applied),
-            ..old.clone()
-        };
+        let new = verify::rejudged(old, j.faults, j.applied);
         let before = current_trust(name, Some(old.clone()), now).trust;
         let after = current_trust(name, Some(new.clone()), now).trust;
         if before != after {

@@ -1093,50 +1093,27 @@ macro_rules! sql_store {
                         }
                         let body = $crate::store::whitelist_body(v);
                         let done = match expected_head {
-                            None => sqlx::query(
+                            None => bind_whitelist(sqlx::query(
                                 "INSERT INTO whitelist_heads (name, version, body, deleted, created_at, created_by) \
                                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
-                            )
-                            .bind(&v.name)
-                            .bind(i64::from(v.version))
-                            .bind(&body)
-                            .bind(v.deleted)
-                            .bind($crate::store::micros(v.created_at))
-                            .bind(&v.created_by)
+                            ), v, &body)
                             .execute(&mut *tx)
                             .await?,
-                            Some(head) => sqlx::query(
+                            Some(head) => bind_whitelist(sqlx::query(
                                 "UPDATE whitelist_heads SET version = $2, body = $3, deleted = $4, created_at = $5, created_by = $6 \
                                  WHERE name = $1 AND version = $7",
-                            )
-                            .bind(&v.name)
-                            .bind(i64::from(v.version))
-                            .bind(&body)
-                            .bind(v.deleted)
-                            .bind($crate::store::micros(v.created_at))
-                            .bind(&v.created_by)
+                            ), v, &body)
                             .bind(i64::from(*head))
                             .execute(&mut *tx)
                             .await?,
                         };
                         if done.rows_affected() != 1 {
-                            let current = sqlx::query("SELECT version FROM whitelist_heads WHERE name = $1")
-                                .bind(&v.name)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                            return Ok(ApplyOutcome::Conflict {
-                                current: current.map(|r| r.try_get::<i64, _>("version")).transpose()?.map(|v| v as u32),
-                            });
+                            let current = version_now(&mut tx, "SELECT version FROM whitelist_heads WHERE name = $1", &v.name).await?;
+                            return Ok(ApplyOutcome::Conflict { current });
                         }
-                        sqlx::query(
+                        bind_whitelist(sqlx::query(
                             "INSERT INTO whitelist_versions (name, version, body, deleted, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6)",
-                        )
-                        .bind(&v.name)
-                        .bind(i64::from(v.version))
-                        .bind(&body)
-                        .bind(v.deleted)
-                        .bind($crate::store::micros(v.created_at))
-                        .bind(&v.created_by)
+                        ), v, &body)
                         .execute(&mut *tx)
                         .await?;
                     }
@@ -1164,13 +1141,8 @@ macro_rules! sql_store {
                             .await?,
                         };
                         if done.rows_affected() != 1 {
-                            let current = sqlx::query("SELECT version FROM host_groups WHERE name = $1")
-                                .bind(&g.name)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                            return Ok(ApplyOutcome::Conflict {
-                                current: current.map(|r| r.try_get::<i64, _>("version")).transpose()?.map(|v| v as u32),
-                            });
+                            let current = version_now(&mut tx, "SELECT version FROM host_groups WHERE name = $1", &g.name).await?;
+                            return Ok(ApplyOutcome::Conflict { current });
                         }
                         sqlx::query("DELETE FROM group_whitelists WHERE group_name = $1")
                             .bind(&g.name)
@@ -1638,6 +1610,36 @@ macro_rules! sql_store {
                 .execute(&mut **tx)
                 .await?;
             Ok(())
+        }
+
+        /// The columns of a whitelist version (name, version, body, deleted,
+        /// created_at, created_by), as `$1`–`$6` of `whitelist_heads` and
+        /// `whitelist_versions` alike.
+        fn bind_whitelist<'q>(
+            q: sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+            v: &'q proto::policy::WhitelistVersion,
+            body: &'q str,
+        ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+            q.bind(&v.name)
+                .bind(i64::from(v.version))
+                .bind(body)
+                .bind(v.deleted)
+                .bind($crate::store::micros(v.created_at))
+                .bind(&v.created_by)
+        }
+
+        /// The version a conflicting change left behind (`sql` selects it by name).
+        async fn version_now(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            sql: &'static str,
+            name: &str,
+        ) -> Result<Option<u32>, sqlx::Error> {
+            use sqlx::Row;
+            let row = sqlx::query(sql).bind(name).fetch_optional(&mut **tx).await?;
+            Ok(row
+                .map(|r| r.try_get::<i64, _>("version"))
+                .transpose()?
+                .map(|v| u32::try_from(v).unwrap_or_default()))
         }
 
         fn whitelist_row(r: &<$db as sqlx::Database>::Row) -> Result<proto::policy::WhitelistVersion, $crate::store::StoreError> {
