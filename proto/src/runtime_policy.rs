@@ -426,6 +426,23 @@ impl PathTable {
         }
     }
 
+    /// Load the slot and the start of the record a lookup of `path` would
+    /// read first, results unused: issued for many paths back to back,
+    /// these loads do not wait for each other, so their cache misses
+    /// overlap, and the lookups that follow find the lines cached.
+    fn warm(&self, path: &[u8]) {
+        let Some(mask) = self.slots.len().checked_sub(1) else {
+            return;
+        };
+        let h = path_hash(path);
+        let s = self.slots.get((h as usize) & mask).copied().unwrap_or(0);
+        if s != 0 && s >> 32 == h >> 32 {
+            let offset = ((s & 0xffff_ffff) - 1) as usize;
+            std::hint::black_box(self.arena.get(offset).copied());
+            std::hint::black_box(self.arena.get(offset + 64).copied());
+        }
+    }
+
     fn contains(&self, path: &[u8]) -> bool {
         self.get(path).is_some()
     }
@@ -671,6 +688,14 @@ impl CompiledPolicy {
                     .is_ok_and(|s| k.verify_prehash(e.digest(), &s).is_ok())
             }
         })
+    }
+
+    /// Bring into the cache what [`Self::evaluate`] reads first for `e`
+    /// (see `ima::judge`); no effect on any result.
+    pub(crate) fn warm(&self, e: &ImaEntry) {
+        if e.template != Template::ImaBuf {
+            self.digests.warm(e.name_bytes());
+        }
     }
 
     pub(crate) fn evaluate(&self, e: &ImaEntry) -> Verdict {
