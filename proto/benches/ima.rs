@@ -3,7 +3,8 @@
 //! bank. Target: at least 1,000,000 entries/s on one core.
 //!
 //! Groups: `hash/*` (sha2 vs ring on IMA-sized inputs), `ima/*` (parse,
-//! verify, both), `policy/*` (compiling the policy). With IMA_BENCH_LOG and
+//! verify, both; `verify_ascii_parallel` on every core), `threshold/*`
+//! (one thread vs all cores on short lists), `policy/*` (compiling the policy). With IMA_BENCH_LOG and
 //! IMA_BENCH_POLICY (Keylime JSON) set, `keylime_input/*` runs the files
 //! bench/ima-vs-keylime.sh generated (IMA_BENCH_PCR10: the expected
 //! SHA-256 PCR 10, checked once).
@@ -96,6 +97,8 @@ fn run_list(
     let start = ImaState::new(None, None, &[HashAlg::Sha256]);
     let out = ima::verify(&entries, policy, &start, HashAlg::Sha256).unwrap();
     assert!(out.ok(), "{:?}", out.failures.first());
+    let par = ima::verify_ascii_parallel(log, 1, policy, &start, HashAlg::Sha256, 0).unwrap();
+    assert_eq!(par, out);
     // The side-by-side passes the quoted value Keylime also checks.
     if let Some(pcr_file) = pcr_file {
         let quoted = hex::decode(std::fs::read_to_string(pcr_file).unwrap().trim()).unwrap();
@@ -127,6 +130,14 @@ fn run_list(
             )
         })
     });
+    g.bench_function("verify_ascii_parallel (all cores)", |b| {
+        b.iter(|| {
+            black_box(
+                ima::verify_ascii_parallel(black_box(log), 1, policy, &start, HashAlg::Sha256, 0)
+                    .unwrap(),
+            )
+        })
+    });
     g.finish();
 }
 
@@ -139,6 +150,36 @@ fn ima_bench(c: &mut Criterion) {
         &policy,
         None,
     );
+
+    // Where threads start to pay: short lists, one thread vs all cores.
+    let cores = ima::parallel_threads(0);
+    let mut g = c.benchmark_group("threshold");
+    g.sample_size(20);
+    let start = ImaState::new(None, None, &[HashAlg::Sha256]);
+    for n in [500usize, 1000, 2000, 4000, 8000] {
+        let end = log
+            .bytes()
+            .enumerate()
+            .filter(|(_, b)| *b == b'\n')
+            .nth(n - 1)
+            .map_or(log.len(), |(i, _)| i + 1);
+        let part = &log.as_bytes()[..end];
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("{n} entries ({} KiB), 1 thread", end / 1024), |b| {
+            b.iter(|| {
+                black_box(ima::verify_ascii(part, 1, &policy, &start, HashAlg::Sha256).unwrap())
+            })
+        });
+        g.bench_function(format!("{n} entries, {cores} threads"), |b| {
+            b.iter(|| {
+                black_box(
+                    ima::verify_ascii_on_threads(part, 1, &policy, &start, HashAlg::Sha256, cores)
+                        .unwrap(),
+                )
+            })
+        });
+    }
+    g.finish();
 
     let doc = policy.document().clone();
     let mut g = c.benchmark_group("policy");
