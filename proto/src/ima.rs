@@ -308,48 +308,63 @@ const SHA256_H0: [u32; 8] = [
 /// functions: the streaming API's buffering cost as much as a block.
 /// `None` for longer messages (and other algorithms).
 fn short_digest(alg: HashAlg, parts: &[&[u8]]) -> Option<DigestBytes> {
-    use sha2::digest::generic_array::GenericArray;
-    let mut buf = [0u8; 128];
-    let mut len = 0usize;
-    for p in parts {
-        buf.get_mut(len..len + p.len())
-            .filter(|_| len + p.len() <= 119)?
-            .copy_from_slice(p);
-        len += p.len();
+    Padded::new(parts)?.hash(alg)
+}
+
+/// A short message padded into one or two 64-byte blocks; SHA-1 and
+/// SHA-256 pad alike, so one padding serves both.
+struct Padded {
+    buf: [u8; 128],
+    blocks: usize,
+}
+
+impl Padded {
+    fn new(parts: &[&[u8]]) -> Option<Self> {
+        let mut buf = [0u8; 128];
+        let mut len = 0usize;
+        for p in parts {
+            buf.get_mut(len..len + p.len())
+                .filter(|_| len + p.len() <= 119)?
+                .copy_from_slice(p);
+            len += p.len();
+        }
+        let blocks = if len <= 55 { 1 } else { 2 };
+        let end = blocks * 64;
+        *buf.get_mut(len)? = 0x80;
+        buf.get_mut(end - 8..end)?
+            .copy_from_slice(&((len as u64) * 8).to_be_bytes());
+        Some(Self { buf, blocks })
     }
-    let blocks = if len <= 55 { 1 } else { 2 };
-    let end = blocks * 64;
-    *buf.get_mut(len)? = 0x80;
-    buf.get_mut(end - 8..end)?
-        .copy_from_slice(&((len as u64) * 8).to_be_bytes());
-    let data = buf.get(..end)?;
-    let mut out = [0u8; 64];
-    let n = match alg {
-        HashAlg::Sha1 => {
-            let mut st = SHA1_H0;
-            for b in data.chunks_exact(64) {
-                sha1::compress(&mut st, &[GenericArray::clone_from_slice(b)]);
+
+    fn hash(&self, alg: HashAlg) -> Option<DigestBytes> {
+        use sha2::digest::generic_array::GenericArray;
+        let data = self.buf.get(..self.blocks * 64)?;
+        let mut out = [0u8; 64];
+        let n = match alg {
+            HashAlg::Sha1 => {
+                let mut st = SHA1_H0;
+                for b in data.chunks_exact(64) {
+                    sha1::compress(&mut st, std::slice::from_ref(GenericArray::from_slice(b)));
+                }
+                for (o, w) in out.chunks_exact_mut(4).zip(st) {
+                    o.copy_from_slice(&w.to_be_bytes());
+                }
+                20
             }
-            for (o, w) in out.chunks_exact_mut(4).zip(st) {
-                o.copy_from_slice(&w.to_be_bytes());
+            HashAlg::Sha256 => {
+                let mut st = SHA256_H0;
+                for b in data.chunks_exact(64) {
+                    sha2::compress256(&mut st, std::slice::from_ref(GenericArray::from_slice(b)));
+                }
+                for (o, w) in out.chunks_exact_mut(4).zip(st) {
+                    o.copy_from_slice(&w.to_be_bytes());
+                }
+                32
             }
-            20
-        }
-        HashAlg::Sha256 => {
-            let mut st = SHA256_H0;
-            let bs: [GenericArray<u8, _>; 2] = [
-                GenericArray::clone_from_slice(data.get(..64)?),
-                GenericArray::clone_from_slice(buf.get(64..128)?),
-            ];
-            sha2::compress256(&mut st, bs.get(..blocks)?);
-            for (o, w) in out.chunks_exact_mut(4).zip(st) {
-                o.copy_from_slice(&w.to_be_bytes());
-            }
-            32
-        }
-        _ => return None,
-    };
-    Some(DigestBytes { len: n, buf: out })
+            _ => return None,
+        };
+        Some(DigestBytes { len: n, buf: out })
+    }
 }
 
 /// Extend `pcr` (of `alg`) with `value`.
@@ -1296,7 +1311,7 @@ fn run_lines(
     // '\n' is ASCII, so the input is UTF-8 exactly when every line is; one
     // check of the whole input spares one per line (a line is still checked
     // alone when the whole is not, so the error names it).
-    let utf8_checked = std::str::from_utf8(input).is_ok();
+    let utf8_checked = input.is_ascii() || std::str::from_utf8(input).is_ok();
     let mut chunk: Vec<ImaEntry> = Vec::with_capacity(STREAM_CHUNK);
     let mut hashes: Vec<DigestBytes> = Vec::with_capacity(STREAM_CHUNK * banks.len());
     let mut filled = 0usize;
@@ -1664,10 +1679,23 @@ fn judge(
     let mut hash_total = 0u64;
     for (i, e) in entries.iter().enumerate() {
         let logged_alg = alg_by_len(e.template_hash.as_slice().len()).unwrap_or(HashAlg::Sha1);
+        let violation = e.is_violation();
+        // The template data padded once for the logged hash and the banks'.
+        let padded = match e.template {
+            Template::Ima => None,
+            _ if violation => None,
+            _ => Padded::new(&[&e.data]),
+        };
+        let hash_with = |alg: HashAlg| {
+            padded
+                .as_ref()
+                .and_then(|p| p.hash(alg))
+                .unwrap_or_else(|| e.compute_template_hash(alg))
+        };
         let mut logged_ok = None;
-        if !e.is_violation() {
-            let computed = e.compute_template_hash(logged_alg);
-            if computed != e.template_hash {
+        if !violation {
+            let computed = hash_with(logged_alg);
+            if computed.as_slice() != e.template_hash.as_slice() {
                 hash_total += 1;
                 if hash_failures.len() < MAX_REPORTED_FAILURES {
                     hash_failures.push(ImaFailure {
@@ -1688,7 +1716,8 @@ fn judge(
         for alg in banks {
             hashes.push(match logged_ok {
                 Some(c) if *alg == logged_alg => c,
-                _ => e.template_hash_for(*alg),
+                _ if violation => e.template_hash_for(*alg),
+                _ => hash_with(*alg),
             });
         }
     }
