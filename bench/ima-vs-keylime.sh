@@ -2,9 +2,10 @@
 # Side by side: the same generated IMA list (ima-ng, SHA-256 file digests)
 # and Keylime runtime policy through Keylime's
 # keylime.ima.ima.process_measurement_list and through proto::ima
-# (verify_ascii, criterion bench proto/benches/ima.rs), same
-# machine, same run. Both replay PCR 10 in the SHA-256 bank and check it
-# against the expected value. Prints entries/s of each and the ratio.
+# (verify_ascii on one core, verify_ascii_parallel on every core; criterion
+# bench proto/benches/ima.rs), same machine, same run. Both replay PCR 10 in
+# the SHA-256 bank and check it against the expected value. Prints
+# entries/s of each, the ratios, and the load average before and after.
 #
 #   bash bench/ima-vs-keylime.sh            # 200,000 entries, 100,000 paths
 #   ENTRIES=50000 RUNS=3 bash bench/ima-vs-keylime.sh
@@ -54,12 +55,18 @@ for _ in range(runs):
     if failure or running != pcr:
         sys.exit(f"keylime: verification failed ({running})")
 med = statistics.median(times)
-print(json.dumps({"entries": len(lines), "median_s": med, "entries_per_s": len(lines) / med}))
+print(json.dumps({"entries": len(lines), "times": times, "median_s": med, "entries_per_s": len(lines) / med}))
 PY
 
-echo "== keylime $KEYLIME_VERSION: $RUNS runs of $ENTRIES entries" >&2
-KEYLIME_JSON="$(PYTHONPATH="$OUT/stubs" "$VENV/bin/python" "$OUT/keylime_run.py" \
-    "$OUT/ima.log" "$OUT/policy.json" "$OUT/pcr10-sha256.hex" "$RUNS" 2>/dev/null)"
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== keylime $KEYLIME_VERSION: $RUNS runs of $ENTRIES entries (load $LOAD_BEFORE)" >&2
+run_keylime() {
+    PYTHONPATH="$OUT/stubs" "$VENV/bin/python" "$OUT/keylime_run.py" \
+        "$OUT/ima.log" "$OUT/policy.json" "$OUT/pcr10-sha256.hex" "$RUNS" 2>/dev/null
+}
+# Keylime runs before and after our side; the median is over both batches,
+# so a change of load on the shared machine during the run hits both sides.
+KEYLIME_JSON="$(run_keylime)"
 echo "$KEYLIME_JSON" >&2
 
 echo "== proto::ima (criterion)" >&2
@@ -70,21 +77,33 @@ echo "== proto::ima (criterion)" >&2
 EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/verify_ascii (streaming)/new/estimates.json' | head -1)"
 TWO_STEP_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/parse+verify (sha256 bank)/new/estimates.json' | head -1)"
 VERIFY_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/verify (parsed, sha256 bank)/new/estimates.json' | head -1)"
+PAR_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/verify_ascii_parallel (all cores)/new/estimates.json' | head -1)"
+echo "== keylime again, $RUNS runs" >&2
+KEYLIME_JSON_2="$(run_keylime)"
+echo "$KEYLIME_JSON_2" >&2
+LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 
-python3 - "$KEYLIME_JSON" "$EST" "$VERIFY_EST" "$ENTRIES" "$PATHS" "$KEYLIME_VERSION" "$TWO_STEP_EST" <<'PY'
-import json, os, sys
-k = json.loads(sys.argv[1])
+python3 - "$KEYLIME_JSON" "$EST" "$VERIFY_EST" "$ENTRIES" "$PATHS" "$KEYLIME_VERSION" "$TWO_STEP_EST" "$PAR_EST" "$LOAD_BEFORE" "$LOAD_AFTER" "$KEYLIME_JSON_2" <<'PY'
+import json, os, statistics, sys
 n = int(sys.argv[4])
+times = json.loads(sys.argv[1])["times"] + json.loads(sys.argv[11])["times"]
+k = {"entries_per_s": n / statistics.median(times)}
 def rate(path):
     with open(path) as f:
         return n / (json.load(f)["median"]["point_estimate"] * 1e-9)
 ours = rate(sys.argv[2])
 ours_verify = rate(sys.argv[3])
 ours_two_step = rate(sys.argv[7])
-print(f"entries: {n}, policy paths: {sys.argv[5]}, bank: sha256, cpu: {os.cpu_count()} cores")
-print(f"keylime {sys.argv[6]} process_measurement_list: {k['entries_per_s']:>12,.0f} entries/s (median)")
-print(f"proto::ima verify_ascii (streaming):  {ours:>12,.0f} entries/s (median)")
-print(f"proto::ima parse_ascii, then verify:  {ours_two_step:>12,.0f} entries/s (median)")
-print(f"proto::ima verify (already parsed):   {ours_verify:>12,.0f} entries/s (median)")
-print(f"ratio (verify_ascii / keylime):       {ours / k['entries_per_s']:>12.1f}x")
+ours_par = rate(sys.argv[8])
+cores = len(os.sched_getaffinity(0))
+print(f"entries: {n}, policy paths: {sys.argv[5]}, bank: sha256, cpu: {cores} cores")
+print(f"load average (1/5/15 min) before: {sys.argv[9]}, after: {sys.argv[10]}")
+print(f"keylime {sys.argv[6]} process_measurement_list (1 core): {k['entries_per_s']:>12,.0f} entries/s (median of {len(times)})")
+print("  keylime batches, entries/s (before, after ours): " + ", ".join(f"{json.loads(a)['entries_per_s']:,.0f}" for a in (sys.argv[1], sys.argv[11])))
+print(f"proto::ima verify_ascii (1 core):               {ours:>12,.0f} entries/s (median)")
+print(f"proto::ima verify_ascii_parallel ({cores} cores):     {ours_par:>12,.0f} entries/s (median)")
+print(f"proto::ima parse_ascii, then verify (1 core):   {ours_two_step:>12,.0f} entries/s (median)")
+print(f"proto::ima verify, already parsed (1 core):     {ours_verify:>12,.0f} entries/s (median)")
+print(f"ratio, 1 core vs 1 core (verify_ascii / keylime):           {ours / k['entries_per_s']:>6.1f}x")
+print(f"ratio, {cores} cores vs 1 core (verify_ascii_parallel / keylime): {ours_par / k['entries_per_s']:>6.1f}x")
 PY
