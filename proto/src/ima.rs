@@ -2513,6 +2513,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(second.new_state, out.new_state);
+        // Nothing to verify, or only empty lines.
+        for empty in [&b""[..], b"\n", b"\n\r\n\n"] {
+            let out = parallel_agrees(empty, 7, &policy, &two_banks(), HashAlg::Sha256).unwrap();
+            assert_eq!(out.entries_checked, 0);
+        }
         // Empty lines and CRLF endings change line numbers, not entries.
         let crlf = text.replace('\n', "\r\n\n");
         let out =
