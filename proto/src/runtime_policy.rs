@@ -292,24 +292,6 @@ fn path_hash(bytes: &[u8]) -> u64 {
     h ^ (h >> 33)
 }
 
-/// `a == b` for the short slices of a lookup (paths, digests), eight
-/// bytes at a time inline; the libc call was 6% of IMA verification.
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let (wa, wb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tails = wa.remainder() == wb.remainder();
-    tails
-        && wa.zip(wb).all(|(x, y)| {
-            let mut p = [0u8; 8];
-            let mut q = [0u8; 8];
-            p.copy_from_slice(x);
-            q.copy_from_slice(y);
-            u64::from_ne_bytes(p) == u64::from_ne_bytes(q)
-        })
-}
-
 fn alg_code(alg: HashAlg) -> u8 {
     match alg {
         HashAlg::Sha1 => 1,
@@ -358,7 +340,7 @@ impl<'a> Record<'a> {
         })
     }
     fn allows(&self, alg: HashAlg, digest: &[u8]) -> bool {
-        self.iter().any(|(a, d)| a == alg && same_bytes(d, digest))
+        self.iter().any(|(a, d)| a == alg && d == digest)
     }
     fn display(&self) -> Vec<String> {
         self.iter()
@@ -435,7 +417,7 @@ impl PathTable {
             if s >> 32 == tag {
                 let offset = ((s & 0xffff_ffff) - 1) as usize;
                 if let Some((p, r)) = self.record_at(offset) {
-                    if same_bytes(p, path) {
+                    if p == path {
                         return Some(r);
                     }
                 }
@@ -772,22 +754,6 @@ mod tests {
 
     const ALLOWLIST: &str = include_str!("../../fixtures/ima/ima-allowlist-short.txt");
     const KEYLIME_JSON: &[u8] = include_bytes!("../../fixtures/ima/runtime-policy-test.json");
-
-    #[test]
-    fn same_bytes_is_slice_equality() {
-        let a: Vec<u8> = (0..40u8).collect();
-        for la in 0..=40usize {
-            for lb in [la.saturating_sub(1), la, (la + 1).min(40)] {
-                assert_eq!(same_bytes(&a[..la], &a[..lb]), la == lb);
-                for flip in 0..la {
-                    let mut b = a[..la].to_vec();
-                    b[flip] ^= 0x40;
-                    assert!(!same_bytes(&a[..la], &b));
-                    assert!(same_bytes(&b, &b.clone()));
-                }
-            }
-        }
-    }
 
     #[test]
     fn allowlist_and_keylime_json_agree() {
