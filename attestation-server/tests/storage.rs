@@ -657,12 +657,130 @@ async fn suite(s: Arc<dyn Store>) {
     );
 }
 
+/// Group commit (`store::writer`): many writes at once share transactions;
+/// a write that fails (a duplicate event id) fails alone; a verdict judged
+/// against a superseded policy is not stored, nor its event; every verdict
+/// and event that was acknowledged is stored, and each server's hash chain
+/// is unbroken across the batches.
+async fn group_commit_suite(s: Arc<dyn Store>) {
+    use attestation_server::audit::chain;
+    let at = Utc::now()
+        .duration_trunc(Duration::microseconds(1))
+        .unwrap();
+    const N: usize = 64;
+    let hosts: Vec<String> = (0..N).map(|i| format!("gc-{i}")).collect();
+    for h in &hosts {
+        s.register_host(h, at).await.unwrap();
+    }
+    let cadf = |server: &str, n: usize| NewEvent {
+        id: uuid::Uuid::new_v4().to_string(),
+        time: at,
+        host: None,
+        body: format!("{{\"observer\":{{\"name\":\"{server}\"}},\"n\":{n}}}"),
+    };
+    let stored_before = s.stored_events_after(0, 100_000).await.unwrap().len();
+    let duplicate = cadf("gc-a", 0);
+    s.record_event(&duplicate).await.unwrap();
+    let epoch = s.host("gc-0").await.unwrap().unwrap().policy_epoch;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let (store, host) = (s.clone(), host.clone());
+        // Two servers' chains interleave in the same batches.
+        let events = vec![cadf(if i % 2 == 0 { "gc-a" } else { "gc-b" }, i + 1)];
+        tasks.spawn(async move {
+            let v = HostTrust {
+                host: host.clone(),
+                trust: Trust::Trusted,
+                verified_at: Some(at),
+                expires_at: Some(at + Duration::seconds(60)),
+                reasons: vec![],
+                policy: None,
+            };
+            let rec = AttestationRecord {
+                verdict: &v,
+                verified_pcrs: Some(&pcrs(&"aa".repeat(32))),
+                clock: Some(ClockInfo {
+                    clock: 1000 + i as u64,
+                    reset_count: 1,
+                    restart_count: 0,
+                    safe: true,
+                }),
+                events: &events,
+                // One verdict was judged against a policy that changed since.
+                policy_epoch: Some(if i == 7 { epoch + 100 } else { epoch }),
+            };
+            let recorded = store.record_attestation(&host, rec).await;
+            ("record", i, recorded.map(usize::from))
+        });
+        let (store, nonce) = (s.clone(), format!("gc-nonce-{i}"));
+        let host = hosts[i].clone();
+        tasks.spawn(async move {
+            let ch = NewChallenge {
+                nonce: nonce.clone(),
+                host: host.clone(),
+                selection: BTreeMap::new(),
+                issued_at: at,
+                expires_at: at + Duration::seconds(60),
+            };
+            store.insert_challenge(&ch).await.unwrap();
+            let taken = store.take_challenge(&nonce, &host, at).await.map(|c| {
+                let c = c.unwrap();
+                assert_eq!(c.host, host);
+                usize::from(!c.used_before)
+            });
+            ("challenge", i, taken)
+        });
+    }
+    {
+        let s = s.clone();
+        let duplicate = duplicate.clone();
+        tasks.spawn(async move { ("duplicate", 0, s.record_event(&duplicate).await.map(|_| 1)) });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        outcomes.push(done.unwrap());
+    }
+    for (what, i, result) in &outcomes {
+        match (*what, *i) {
+            ("duplicate", _) => assert!(result.is_err(), "a duplicate event id is refused"),
+            ("record", 7) => assert_eq!(result.as_ref().unwrap(), &0, "stale epoch: not stored"),
+            (_, i) => assert_eq!(result.as_ref().unwrap(), &1, "{what} {i}: {result:?}"),
+        }
+    }
+    let verdicts = s.verdicts(&hosts).await.unwrap();
+    assert_eq!(verdicts.len(), N - 1, "every verdict but the stale one");
+    assert!(!verdicts.contains_key("gc-7"));
+    assert!(verdicts.values().all(|v| v.trust == Trust::Trusted));
+    let h = s.host("gc-5").await.unwrap().unwrap();
+    assert_eq!(h.clock.map(|c| c.clock), Some(1005));
+    assert_eq!(h.last_pcrs, Some(pcrs(&"aa".repeat(32))));
+    assert!(s.host("gc-7").await.unwrap().unwrap().clock.is_none());
+    // The duplicate's first copy plus one event per stored verdict.
+    let stored = s.stored_events_after(0, 100_000).await.unwrap();
+    assert_eq!(stored.len() - stored_before, 1 + (N - 1));
+    let export: String = stored
+        .iter()
+        .map(|e| serde_json::to_string(&chain::ExportRecord::event(e)).unwrap() + "\n")
+        .collect();
+    let report = chain::verify(&export, None);
+    assert_eq!(report.problem, None, "{report:?}");
+    for server in ["gc-a", "gc-b"] {
+        let head = s.chain_head(server).await.unwrap().unwrap();
+        let last = stored.iter().rfind(|e| e.server == server).unwrap();
+        assert_eq!(
+            (head.seq, &head.hash, head.count),
+            (last.seq, &last.hash, last.chain_index)
+        );
+    }
+}
+
 #[tokio::test]
 async fn storage_suite_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     suite(store::open(&url).await.unwrap()).await;
     policy_suite(store::open(&url).await.unwrap()).await;
+    group_commit_suite(store::open(&url).await.unwrap()).await;
     // Migrations run once: reopening the same file works and keeps data.
     let again = store::open(&url).await.unwrap();
     assert!(again.host("n1").await.unwrap().is_some());
@@ -692,6 +810,7 @@ async fn storage_suite_on_postgres() {
     let result = tokio::spawn(async move {
         suite(store::open(&url).await.unwrap()).await;
         policy_suite(store::open(&url).await.unwrap()).await;
+        group_commit_suite(store::open(&url).await.unwrap()).await;
         two_servers_one_database(&url).await;
         // Reopening (a second server starting) finds the schema migrated.
         let again = store::open(&url).await.unwrap();

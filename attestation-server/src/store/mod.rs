@@ -8,6 +8,7 @@
 
 mod postgres;
 mod sqlite;
+mod writer;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -35,6 +36,10 @@ pub enum StoreError {
     },
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
+    /// A group-committed batch failed because the database cannot be
+    /// written now; every write of the batch gets this.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Everything stored about one host.
@@ -242,6 +247,10 @@ pub struct Checkpoint {
     /// hex of the ASN.1 ECDSA-SHA256 signature.
     pub signature: String,
 }
+
+/// The chain heads one transaction has read and advanced, by server.
+#[derive(Debug, Default)]
+pub(crate) struct ChainHeads(pub(crate) HashMap<String, ChainHead>);
 
 /// The newest link of one server's chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -840,15 +849,7 @@ macro_rules! sql_store {
             }
 
             async fn insert_challenge(&self, ch: &$crate::store::NewChallenge) -> Result<(), $crate::store::StoreError> {
-                let _gate = self.gate.lock().await;
-                sqlx::query("INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(&ch.nonce)
-                    .bind(&ch.host)
-                    .bind($crate::store::to_json(&ch.selection))
-                    .bind($crate::store::micros(ch.issued_at))
-                    .bind($crate::store::micros(ch.expires_at))
-                    .execute(&self.pool)
-                    .await?;
+                self.writer.submit($crate::store::writer::Write::challenge(ch)).await?;
                 Ok(())
             }
 
@@ -858,97 +859,34 @@ macro_rules! sql_store {
                 host: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Option<$crate::verify::IssuedChallenge>, $crate::store::StoreError> {
-                let _gate = self.gate.lock().await;
-                use sqlx::Row;
-                let taken = sqlx::query(
-                    "UPDATE challenges SET used_at = $1 WHERE nonce = $2 AND host = $3 AND used_at IS NULL \
-                     RETURNING host, selection, expires_at, CAST(NULL AS BIGINT) AS used_at",
-                )
-                .bind($crate::store::micros(now))
-                .bind(nonce)
-                .bind(host)
-                .fetch_optional(&self.pool)
-                .await?;
-                let row = match taken {
-                    Some(r) => Some(r),
-                    None => {
-                        sqlx::query("SELECT host, selection, expires_at, used_at FROM challenges WHERE nonce = $1")
-                            .bind(nonce)
-                            .fetch_optional(&self.pool)
-                            .await?
-                    }
+                use $crate::store::writer::{Write, Written};
+                let write = Write::TakeChallenge {
+                    nonce: nonce.to_string(),
+                    host: host.to_string(),
+                    now: $crate::store::micros(now),
+                };
+                let Written::Challenge(row) = self.writer.submit(write).await? else {
+                    return Ok(None);
                 };
                 let Some(row) = row else { return Ok(None) };
-                let issued_to: String = row.try_get("host")?;
                 let selection: $crate::store::PcrSelectionMap =
-                    $crate::store::from_json(&issued_to, "challenge selection", &row.try_get::<String, _>("selection")?)?;
+                    $crate::store::from_json(&row.host, "challenge selection", &row.selection)?;
                 Ok(Some($crate::verify::IssuedChallenge {
-                    host: issued_to,
+                    host: row.host,
                     selection: proto::wire::selection_from_map(&selection),
-                    expires_at: $crate::store::from_micros(row.try_get("expires_at")?),
-                    used_before: row.try_get::<Option<i64>, _>("used_at")?.is_some(),
+                    expires_at: $crate::store::from_micros(row.expires_at),
+                    used_before: row.used_before,
                 }))
             }
 
             async fn record_attestation_with_logs(&self, host: &str, rec: $crate::store::AttestationRecord<'_>, logs: $crate::store::LogRecord<'_>) -> Result<bool, $crate::store::StoreError> {
-                let _gate = self.gate.lock().await;
-                let mut tx = self.pool.begin().await?;
-                if let Some(epoch) = rec.policy_epoch {
-                    // Locks the host row first (as policy changes do), so the
-                    // two cannot interleave: a change either came before this
-                    // judgement's policy was read, or this answers false.
-                    let same = sqlx::query("UPDATE hosts SET policy_epoch = policy_epoch WHERE name = $1 AND policy_epoch = $2")
-                        .bind(host)
-                        .bind(epoch)
-                        .execute(&mut *tx)
-                        .await?;
-                    if same.rows_affected() != 1 {
-                        return Ok(false);
-                    }
-                }
-                upsert_verdict(&mut tx, host, rec.verdict).await?;
-                if let Some(pcrs) = rec.verified_pcrs {
-                    sqlx::query("UPDATE hosts SET last_pcrs = $1 WHERE name = $2")
-                        .bind($crate::store::to_json(pcrs))
-                        .bind(host)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                if let Some(c) = rec.clock {
-                    sqlx::query("UPDATE hosts SET clock = $1, reset_count = $2, restart_count = $3 WHERE name = $4")
-                        .bind(c.clock as i64)
-                        .bind(i64::from(c.reset_count))
-                        .bind(i64::from(c.restart_count))
-                        .bind(host)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                if let Some(state) = logs.ima_state {
-                    sqlx::query("UPDATE hosts SET ima_state = $1 WHERE name = $2")
-                        .bind($crate::store::to_json(state))
-                        .bind(host)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                if let Some(log) = logs.uefi_log {
-                    sqlx::query("UPDATE hosts SET last_uefi_log = $1 WHERE name = $2")
-                        .bind(log)
-                        .bind(host)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                for event in rec.events {
-                    insert_event(&mut tx, event).await?;
-                }
-                tx.commit().await?;
-                Ok(true)
+                use $crate::store::writer::{AttestationWrite, Write, Written};
+                let write = Write::Attestation(Box::new(AttestationWrite::new(host, &rec, &logs)));
+                Ok(matches!(self.writer.submit(write).await?, Written::Recorded(true)))
             }
 
             async fn record_event(&self, event: &$crate::store::NewEvent) -> Result<(), $crate::store::StoreError> {
-                let _gate = self.gate.lock().await;
-                let mut tx = self.pool.begin().await?;
-                insert_event(&mut tx, event).await?;
-                tx.commit().await?;
+                self.writer.submit($crate::store::writer::Write::Event(event.clone())).await?;
                 Ok(())
             }
 
@@ -1562,25 +1500,51 @@ macro_rules! sql_store {
             })
         }
 
-        /// Append an event to the outbox and to its server's hash chain, in
-        /// the caller's transaction. Updating the chain head first takes its
-        /// row lock, so concurrent appends of one server queue up instead of
-        /// forking the chain.
+        /// Append one event to the outbox and to its server's hash chain, in
+        /// the caller's transaction.
         async fn insert_event(tx: &mut sqlx::Transaction<'_, $db>, event: &$crate::store::NewEvent) -> Result<(), sqlx::Error> {
+            let mut heads = $crate::store::ChainHeads::default();
+            append_event(tx, &mut heads, event).await?;
+            save_heads(tx, &heads).await
+        }
+
+        /// Append an event to the outbox and to its server's hash chain.
+        /// The first event of a server in a transaction reads its chain head
+        /// with an UPDATE, which takes the row lock, so concurrent appends
+        /// queue up instead of forking the chain; later ones link to the head
+        /// kept in `heads`, which [`save_heads`] writes back before commit.
+        async fn append_event(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            heads: &mut $crate::store::ChainHeads,
+            event: &$crate::store::NewEvent,
+        ) -> Result<(), sqlx::Error> {
             use sqlx::Row;
             let meta = $crate::audit::chain::EventMeta::of(&event.body);
-            sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
-                .bind(&meta.server)
-                .bind($crate::audit::chain::GENESIS)
-                .execute(&mut **tx)
-                .await?;
-            let head = sqlx::query("UPDATE audit_chain_heads SET count = count + 1 WHERE server = $1 RETURNING hash, count")
-                .bind(&meta.server)
-                .fetch_one(&mut **tx)
-                .await?;
-            let prev_hash: String = head.try_get("hash")?;
-            let index: i64 = head.try_get("count")?;
-            let hash = $crate::audit::chain::link(&prev_hash, &meta.canonical);
+            if !heads.0.contains_key(&meta.server) {
+                sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
+                    .bind(&meta.server)
+                    .bind($crate::audit::chain::GENESIS)
+                    .execute(&mut **tx)
+                    .await?;
+                let row = sqlx::query("UPDATE audit_chain_heads SET count = count WHERE server = $1 RETURNING seq, hash, count")
+                    .bind(&meta.server)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                heads.0.insert(
+                    meta.server.clone(),
+                    $crate::store::ChainHead {
+                        server: meta.server.clone(),
+                        seq: row.try_get("seq")?,
+                        hash: row.try_get("hash")?,
+                        count: row.try_get("count")?,
+                    },
+                );
+            }
+            let Some(head) = heads.0.get_mut(&meta.server) else {
+                return Err(sqlx::Error::Protocol("chain head not loaded".into()));
+            };
+            let index = head.count + 1;
+            let hash = $crate::audit::chain::link(&head.hash, &meta.canonical);
             let row = sqlx::query(
                 "INSERT INTO events (id, event_time, host, body, server, chain_index, prev_hash, hash, action, outcome, \
                  initiator_id, initiator_name, target_id, target_name) \
@@ -1592,7 +1556,7 @@ macro_rules! sql_store {
             .bind(&event.body)
             .bind(&meta.server)
             .bind(index)
-            .bind(&prev_hash)
+            .bind(&head.hash)
             .bind(&hash)
             .bind(&meta.action)
             .bind(&meta.outcome)
@@ -1602,14 +1566,179 @@ macro_rules! sql_store {
             .bind(&meta.target_name)
             .fetch_one(&mut **tx)
             .await?;
-            let seq: i64 = row.try_get("seq")?;
-            sqlx::query("UPDATE audit_chain_heads SET seq = $1, hash = $2 WHERE server = $3")
-                .bind(seq)
-                .bind(&hash)
-                .bind(&meta.server)
-                .execute(&mut **tx)
-                .await?;
+            head.seq = row.try_get("seq")?;
+            head.hash = hash;
+            head.count = index;
             Ok(())
+        }
+
+        /// Write back the chain heads that [`append_event`] advanced.
+        async fn save_heads(tx: &mut sqlx::Transaction<'_, $db>, heads: &$crate::store::ChainHeads) -> Result<(), sqlx::Error> {
+            for head in heads.0.values() {
+                sqlx::query("UPDATE audit_chain_heads SET seq = $1, hash = $2, count = $3 WHERE server = $4")
+                    .bind(head.seq)
+                    .bind(&head.hash)
+                    .bind(head.count)
+                    .bind(&head.server)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        /// The writer task of group commit (see `store::writer`): takes the
+        /// queued writes in batches until every handle is dropped.
+        async fn write_loop(
+            pool: sqlx::Pool<$db>,
+            gate: std::sync::Arc<$crate::store::WriteGate>,
+            mut queue: tokio::sync::mpsc::Receiver<$crate::store::writer::Pending>,
+        ) {
+            use $crate::store::writer::{is_unavailable, MAX_BATCH};
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                let (writes, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                match write_batch(&pool, &gate, &writes).await {
+                    Ok(done) => {
+                        for (reply, written) in replies.into_iter().zip(done) {
+                            let _ = reply.send(Ok(written));
+                        }
+                    }
+                    Err(e) if writes.len() > 1 && !is_unavailable(&e) => {
+                        // One write spoiled the batch: give each its own transaction.
+                        tracing::debug!(error = %e, writes = writes.len(), "batch failed; writing one by one");
+                        for (write, reply) in writes.into_iter().zip(replies) {
+                            let one = write_batch(&pool, &gate, std::slice::from_ref(&write)).await;
+                            let answer = match one {
+                                Ok(mut done) => done.pop().ok_or_else(|| {
+                                    $crate::store::StoreError::Unavailable("empty batch result".into())
+                                }),
+                                Err(e) => Err(e.into()),
+                            };
+                            let _ = reply.send(answer);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, writes = writes.len(), "batch of writes failed");
+                        let message = e.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err($crate::store::StoreError::Unavailable(message.clone())));
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Apply `writes` in one transaction; the answers, in `writes`' order.
+        async fn write_batch(
+            pool: &sqlx::Pool<$db>,
+            gate: &$crate::store::WriteGate,
+            writes: &[$crate::store::writer::Write],
+        ) -> Result<Vec<$crate::store::writer::Written>, sqlx::Error> {
+            use $crate::store::writer::{batch_order, ChallengeRow, Write, Written};
+            use sqlx::Row;
+            let _gate = gate.lock().await;
+            let mut tx = pool.begin().await?;
+            let mut heads = $crate::store::ChainHeads::default();
+            let mut done = vec![Written::Done; writes.len()];
+            let order = batch_order(writes);
+            // Host rows first, for every attestation of the batch: the lock
+            // order of policy changes (hosts, then verdicts, then the chain).
+            for &i in &order {
+                match &writes[i] {
+                    Write::Challenge { nonce, host, selection, issued_at, expires_at } => {
+                        sqlx::query("INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
+                            .bind(nonce)
+                            .bind(host)
+                            .bind(selection)
+                            .bind(issued_at)
+                            .bind(expires_at)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Write::TakeChallenge { nonce, host, now } => {
+                        let taken = sqlx::query(
+                            "UPDATE challenges SET used_at = $1 WHERE nonce = $2 AND host = $3 AND used_at IS NULL \
+                             RETURNING host, selection, expires_at, CAST(NULL AS BIGINT) AS used_at",
+                        )
+                        .bind(now)
+                        .bind(nonce)
+                        .bind(host)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        let row = match taken {
+                            Some(r) => Some(r),
+                            None => {
+                                sqlx::query("SELECT host, selection, expires_at, used_at FROM challenges WHERE nonce = $1")
+                                    .bind(nonce)
+                                    .fetch_optional(&mut *tx)
+                                    .await?
+                            }
+                        };
+                        done[i] = Written::Challenge(match row {
+                            None => None,
+                            Some(r) => Some(ChallengeRow {
+                                host: r.try_get("host")?,
+                                selection: r.try_get("selection")?,
+                                expires_at: r.try_get("expires_at")?,
+                                used_before: r.try_get::<Option<i64>, _>("used_at")?.is_some(),
+                            }),
+                        });
+                    }
+                    Write::Attestation(a) => {
+                        let mut same_policy = true;
+                        if a.touches_host() {
+                            // One statement: the policy-epoch check (which
+                            // locks the row) and every host column that changes.
+                            let updated = sqlx::query(
+                                "UPDATE hosts SET last_pcrs = COALESCE($1, last_pcrs), clock = COALESCE($2, clock), \
+                                 reset_count = COALESCE($3, reset_count), restart_count = COALESCE($4, restart_count), \
+                                 ima_state = COALESCE($5, ima_state), last_uefi_log = COALESCE($6, last_uefi_log) \
+                                 WHERE name = $7 AND ($8 IS NULL OR policy_epoch = $8)",
+                            )
+                            .bind(a.last_pcrs.as_deref())
+                            .bind(a.clock.map(|c| c.0))
+                            .bind(a.clock.map(|c| c.1))
+                            .bind(a.clock.map(|c| c.2))
+                            .bind(a.ima_state.as_deref())
+                            .bind(a.uefi_log.as_deref())
+                            .bind(&a.host)
+                            .bind(a.epoch)
+                            .execute(&mut *tx)
+                            .await?;
+                            same_policy = a.epoch.is_none() || updated.rows_affected() == 1;
+                        }
+                        done[i] = Written::Recorded(same_policy);
+                    }
+                    Write::Event(_) => {}
+                }
+            }
+            for &i in &order {
+                match &writes[i] {
+                    Write::Attestation(a) if done[i] == Written::Recorded(true) => {
+                        sqlx::query(
+                            "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) VALUES ($1, $2, $3, $4, $5, $6) \
+                             ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
+                             expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy",
+                        )
+                        .bind(&a.host)
+                        .bind(a.trust)
+                        .bind(a.verified_at)
+                        .bind(a.expires_at)
+                        .bind(&a.reasons)
+                        .bind(a.policy.as_deref())
+                        .execute(&mut *tx)
+                        .await?;
+                        for event in &a.events {
+                            append_event(&mut tx, &mut heads, event).await?;
+                        }
+                    }
+                    Write::Event(event) => append_event(&mut tx, &mut heads, event).await?,
+                    _ => {}
+                }
+            }
+            save_heads(&mut tx, &heads).await?;
+            tx.commit().await?;
+            Ok(done)
         }
 
         /// The columns of a whitelist version (name, version, body, deleted,
@@ -1676,23 +1805,6 @@ macro_rules! sql_store {
                 &row.try_get::<String, _>("reasons")?,
                 row.try_get::<Option<String>, _>("policy")?.as_deref(),
             )
-        }
-
-        async fn upsert_verdict(tx: &mut sqlx::Transaction<'_, $db>, host: &str, v: &$crate::store::HostTrust) -> Result<(), sqlx::Error> {
-            sqlx::query(
-                "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
-                 expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy",
-            )
-            .bind(host)
-            .bind(v.trust.as_str())
-            .bind($crate::store::micros(v.verified_at.unwrap_or_default()))
-            .bind($crate::store::micros(v.expires_at.unwrap_or_default()))
-            .bind($crate::store::to_json(&v.reasons))
-            .bind(v.policy.as_ref().map($crate::store::to_json))
-            .execute(&mut **tx)
-            .await?;
-            Ok(())
         }
     };
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 pub struct PgStore {
     pool: PgPool,
-    gate: super::WriteGate,
+    gate: std::sync::Arc<super::WriteGate>,
+    writer: super::writer::Writer,
 }
 
 impl PgStore {
@@ -20,10 +21,10 @@ impl PgStore {
         // The migrator takes an advisory lock, so servers starting together
         // against one database migrate it once.
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self {
-            pool,
-            gate: super::WriteGate::none(),
-        })
+        let gate = std::sync::Arc::new(super::WriteGate::none());
+        let (writer, queue) = super::writer::Writer::channel();
+        tokio::spawn(write_loop(pool.clone(), gate.clone(), queue));
+        Ok(Self { pool, gate, writer })
     }
 }
 

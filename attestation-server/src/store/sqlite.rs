@@ -8,7 +8,8 @@ use std::time::Duration;
 
 pub struct SqliteStore {
     pool: SqlitePool,
-    gate: super::WriteGate,
+    gate: std::sync::Arc<super::WriteGate>,
+    writer: super::writer::Writer,
 }
 
 impl SqliteStore {
@@ -27,10 +28,10 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self {
-            pool,
-            gate: super::WriteGate::exclusive(),
-        })
+        let gate = std::sync::Arc::new(super::WriteGate::exclusive());
+        let (writer, queue) = super::writer::Writer::channel();
+        tokio::spawn(write_loop(pool.clone(), gate.clone(), queue));
+        Ok(Self { pool, gate, writer })
     }
 }
 

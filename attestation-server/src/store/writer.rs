@@ -1,0 +1,267 @@
+//! Group commit for the attestation path.
+//!
+//! Every challenge issued, nonce consumed and verdict stored is a write, and
+//! at fleet scale they arrive by the thousand per second. Run one by one,
+//! each pays a transaction of its own (BEGIN, COMMIT, the hash-chain head
+//! read and written, and on SQLite a turn at the single writer lock). Here
+//! one writer task per store takes whatever writes are queued, up to
+//! [`MAX_BATCH`], applies them in one transaction and answers each caller
+//! only after the commit: nothing is acknowledged that is not durable.
+//!
+//! A batch that fails on a data error (a constraint, a deadlock) is run
+//! again one write per transaction, so one bad write cannot fail its
+//! neighbours; a batch that fails because the database is unavailable
+//! (down, locked, full) fails as a whole, at once, with
+//! [`StoreError::Unavailable`], and the next batch tries again.
+//!
+//! Writes are owned and already serialized when queued: the writer only
+//! binds values, so the one task that everything waits for does no JSON.
+
+use super::{micros, to_json, AttestationRecord, LogRecord, NewChallenge, NewEvent, StoreError};
+use tokio::sync::{mpsc, oneshot};
+
+/// The most writes one transaction takes. Large enough to amortize the
+/// commit, small enough that a batch's locks are held briefly.
+pub(crate) const MAX_BATCH: usize = 256;
+
+/// Queued writes before callers wait to queue theirs (back-pressure).
+const QUEUE: usize = 4096;
+
+/// One write of the attestation path.
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    Challenge {
+        nonce: String,
+        host: String,
+        selection: String,
+        issued_at: i64,
+        expires_at: i64,
+    },
+    TakeChallenge {
+        nonce: String,
+        host: String,
+        now: i64,
+    },
+    Attestation(Box<AttestationWrite>),
+    Event(NewEvent),
+}
+
+/// A verdict with its host-row updates and events, ready to bind.
+#[derive(Debug, Clone)]
+pub(crate) struct AttestationWrite {
+    pub host: String,
+    /// See [`AttestationRecord::policy_epoch`].
+    pub epoch: Option<i64>,
+    pub last_pcrs: Option<String>,
+    /// clock, reset_count, restart_count.
+    pub clock: Option<(i64, i64, i64)>,
+    pub ima_state: Option<String>,
+    pub uefi_log: Option<Vec<u8>>,
+    pub trust: &'static str,
+    pub verified_at: i64,
+    pub expires_at: i64,
+    pub reasons: String,
+    pub policy: Option<String>,
+    pub events: Vec<NewEvent>,
+}
+
+impl AttestationWrite {
+    pub(crate) fn new(host: &str, rec: &AttestationRecord<'_>, logs: &LogRecord<'_>) -> Self {
+        let v = rec.verdict;
+        AttestationWrite {
+            host: host.to_string(),
+            epoch: rec.policy_epoch,
+            last_pcrs: rec.verified_pcrs.map(to_json),
+            clock: rec.clock.map(|c| {
+                (
+                    c.clock as i64,
+                    i64::from(c.reset_count),
+                    i64::from(c.restart_count),
+                )
+            }),
+            ima_state: logs.ima_state.map(to_json),
+            uefi_log: logs.uefi_log.map(<[u8]>::to_vec),
+            trust: v.trust.as_str(),
+            verified_at: micros(v.verified_at.unwrap_or_default()),
+            expires_at: micros(v.expires_at.unwrap_or_default()),
+            reasons: to_json(&v.reasons),
+            policy: v.policy.as_ref().map(to_json),
+            events: rec.events.to_vec(),
+        }
+    }
+
+    /// Whether the host row changes (or its policy epoch is checked).
+    pub(crate) fn touches_host(&self) -> bool {
+        self.epoch.is_some()
+            || self.last_pcrs.is_some()
+            || self.clock.is_some()
+            || self.ima_state.is_some()
+            || self.uefi_log.is_some()
+    }
+}
+
+impl Write {
+    pub(crate) fn challenge(ch: &NewChallenge) -> Self {
+        Write::Challenge {
+            nonce: ch.nonce.clone(),
+            host: ch.host.clone(),
+            selection: to_json(&ch.selection),
+            issued_at: micros(ch.issued_at),
+            expires_at: micros(ch.expires_at),
+        }
+    }
+
+    /// Where the write goes in its batch. Every batch takes its row locks
+    /// in one order (challenges by nonce, then host rows by name, as policy
+    /// changes do, then verdicts and the chain head), so two batches, or a
+    /// batch and a policy change, on PostgreSQL cannot deadlock.
+    fn order(&self) -> (u8, &str) {
+        match self {
+            Write::Challenge { nonce, .. } | Write::TakeChallenge { nonce, .. } => (0, nonce),
+            Write::Attestation(a) => (1, &a.host),
+            Write::Event(e) => (2, &e.id),
+        }
+    }
+}
+
+/// The indices of `writes` in the order a batch applies them (stable, so
+/// two writes for one host keep their arrival order).
+pub(crate) fn batch_order(writes: &[Write]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by(|&a, &b| writes[a].order().cmp(&writes[b].order()));
+    order
+}
+
+/// A consumed (or already used) challenge as stored, before decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChallengeRow {
+    pub host: String,
+    pub selection: String,
+    pub expires_at: i64,
+    pub used_before: bool,
+}
+
+/// What a write answers once its batch committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Written {
+    Done,
+    Challenge(Option<ChallengeRow>),
+    /// False: the policy changed since the verdict's epoch; nothing stored.
+    Recorded(bool),
+}
+
+pub(crate) type Pending = (Write, oneshot::Sender<Result<Written, StoreError>>);
+
+/// The handle callers queue writes on; the writer task holds the other end.
+#[derive(Clone)]
+pub(crate) struct Writer(mpsc::Sender<Pending>);
+
+impl Writer {
+    pub(crate) fn channel() -> (Writer, mpsc::Receiver<Pending>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (Writer(tx), rx)
+    }
+
+    /// Queue a write and wait until its batch committed (or failed).
+    pub(crate) async fn submit(&self, write: Write) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send((write, reply))
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?
+    }
+}
+
+/// True when `e` says the database cannot be written now (gone, locked,
+/// full, out of resources) rather than that a write is wrong: such a batch
+/// fails whole instead of being retried write by write.
+pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            let code = d.code();
+            let code = code.as_deref().unwrap_or_default();
+            match code.parse::<u32>() {
+                // SQLite result codes (primary code in the low byte):
+                // BUSY, LOCKED, IOERR, FULL, CANTOPEN, READONLY.
+                Ok(n) => matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14),
+                // PostgreSQL SQLSTATE classes: connection exception,
+                // insufficient resources, operator intervention, system error.
+                Err(_) => ["08", "53", "57", "58"]
+                    .iter()
+                    .any(|class| code.starts_with(class)),
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn att(host: &str) -> Write {
+        Write::Attestation(Box::new(AttestationWrite {
+            host: host.into(),
+            epoch: None,
+            last_pcrs: None,
+            clock: None,
+            ima_state: None,
+            uefi_log: None,
+            trust: "trusted",
+            verified_at: 0,
+            expires_at: 0,
+            reasons: "[]".into(),
+            policy: None,
+            events: vec![],
+        }))
+    }
+
+    #[test]
+    fn batches_lock_challenges_then_hosts_in_name_order_then_events() {
+        let writes = vec![
+            Write::Event(NewEvent {
+                id: "e".into(),
+                time: chrono::Utc::now(),
+                host: None,
+                body: "{}".into(),
+            }),
+            att("node2"),
+            Write::TakeChallenge {
+                nonce: "bb".into(),
+                host: "node2".into(),
+                now: 0,
+            },
+            att("node1"),
+            att("node2"),
+            Write::Challenge {
+                nonce: "aa".into(),
+                host: "node1".into(),
+                selection: "{}".into(),
+                issued_at: 0,
+                expires_at: 0,
+            },
+        ];
+        // Challenges by nonce, hosts by name (arrival order kept for node2),
+        // the event last.
+        assert_eq!(batch_order(&writes), vec![5, 2, 3, 1, 4, 0]);
+    }
+
+    #[test]
+    fn unavailable_is_told_from_a_bad_write() {
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(is_unavailable(&sqlx::Error::Io(std::io::Error::other(
+            "connection reset"
+        ))));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!is_unavailable(&sqlx::Error::ColumnNotFound("x".into())));
+    }
+}
