@@ -282,6 +282,69 @@ async fn ecc_ak_is_created_reused_and_its_quotes_verify() {
     ak_lifecycle_and_quotes(AkType::Ecc).await;
 }
 
+async fn quote_ok(tpm: &Tpm) {
+    let nonce = random_nonce();
+    let quote = tpm.quote(&nonce, &sha256_0_to_10()).await.expect("quote");
+    check_quote(&quote, &nonce, AkType::Rsa);
+}
+
+/// The agent creates the EK once and then uses the persistent EK at
+/// 0x81010001 while it has the same name; a TPM without it, or with another
+/// key there, still quotes (the EK is created again), and nothing is left
+/// loaded either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_ek_is_used_only_when_it_is_the_same_key() {
+    let swtpm = shared(SwTpm::start().expect("swtpm starts"));
+    let state = tempfile::tempdir().unwrap();
+    let tpm = Tpm::start(&swtpm.tcti(), AkType::Rsa, state.path()).unwrap();
+    tpm.ensure_ak().await.expect("AK");
+    let tool = |args: Vec<String>| {
+        let s = swtpm.clone();
+        within_timeout("tpm2 tool", move || {
+            let out = s.run_tool(&args[0], &args[1..])?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(
+        tool(args(&["tpm2_getcap", "handles-persistent"])).contains("0x81010001"),
+        "swtpm_setup made the RSA EK persistent"
+    );
+    quote_ok(&tpm).await;
+    quote_ok(&tpm).await;
+    assert_eq!(transient_handles(&swtpm), "");
+
+    // No persistent EK: the agent creates it for each use.
+    tool(args(&["tpm2_evictcontrol", "-C", "o", "-c", "0x81010001"]));
+    quote_ok(&tpm).await;
+    assert_eq!(transient_handles(&swtpm), "");
+
+    // Another key at the EK's handle (an owner's mistake, or an attacker's
+    // decoy): its name differs, so the agent does not use it.
+    let ctx = state.path().join("other.ctx").display().to_string();
+    tool(args(&[
+        "tpm2_createprimary",
+        "-C",
+        "o",
+        "-G",
+        "rsa2048",
+        "-c",
+        &ctx,
+    ]));
+    tool(args(&[
+        "tpm2_evictcontrol",
+        "-C",
+        "o",
+        "-c",
+        &ctx,
+        "0x81010001",
+    ]));
+    tool(args(&["tpm2_flushcontext", "-t"]));
+    quote_ok(&tpm).await;
+    assert_eq!(transient_handles(&swtpm), "");
+    tpm.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_stored_ak_is_replaced_and_bad_requests_fail_cleanly() {
     let swtpm = shared(SwTpm::start().expect("swtpm starts"));

@@ -17,7 +17,8 @@ use tracing::{debug, info, warn};
 use tss_esapi::abstraction::{ak, ek, nv, DefaultKey};
 use tss_esapi::constants::{CapabilityType, SessionType};
 use tss_esapi::handles::{
-    AuthHandle, KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, SessionHandle, TpmHandle,
+    AuthHandle, KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, PersistentTpmHandle,
+    SessionHandle, TpmHandle,
 };
 use tss_esapi::interface_types::algorithm::{
     AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
@@ -65,6 +66,8 @@ pub(crate) struct Worker {
     ak_type: AkType,
     store: AkStore,
     ak: Option<LoadedBlobs>,
+    /// The name of the EK this worker created (see [`with_ek`]).
+    ek_name: Option<Vec<u8>>,
 }
 
 impl Worker {
@@ -74,6 +77,7 @@ impl Worker {
             ak_type,
             store: AkStore::new(state_dir, ak_type),
             ak: None,
+            ek_name: None,
         }
     }
 
@@ -137,8 +141,8 @@ impl Worker {
 
     fn ensure_ak(&mut self) -> Result<AkInfo, Error> {
         let mut ctx = self.open()?;
-        let ek = create_ek(&mut ctx)?;
-        let outcome = with_flush(&mut ctx, ek.into(), "EK", |ctx| {
+        let mut known = self.ek_name.take();
+        let outcome = with_ek(&mut ctx, &mut known, |ctx, ek| {
             match self.store.read() {
                 Ok(Some(blobs)) => match self.load_stored(ctx, ek, blobs) {
                     Ok(loaded) => return Ok((loaded, false)),
@@ -158,6 +162,7 @@ impl Worker {
             self.store.write(&loaded.blobs)?;
             Ok((loaded, true))
         });
+        self.ek_name = known;
         drop(ctx);
         let (loaded, created) = outcome?;
         let info = AkInfo {
@@ -279,9 +284,8 @@ impl Worker {
             return Err(Error::tpm("quote", "no AK"));
         };
         let mut ctx = self.open()?;
-        let ek = create_ek(&mut ctx)?;
         // Once loaded, the AK no longer needs its parent: free the slot.
-        let handle = with_flush(&mut ctx, ek.into(), "EK", |ctx| {
+        let handle = with_ek(&mut ctx, &mut self.ek_name, |ctx, ek| {
             load_ak(ctx, ek, &loaded.private, &loaded.public)
         });
         let handle = match handle {
@@ -333,8 +337,7 @@ impl Worker {
     /// certificate: what the server needs to trust the EK.
     fn ek_identity(&mut self) -> Result<EkIdentity, Error> {
         let mut ctx = self.open()?;
-        let ek = create_ek(&mut ctx)?;
-        let public = with_flush(&mut ctx, ek.into(), "EK", |ctx| ek_public(ctx, ek))?;
+        let public = with_ek(&mut ctx, &mut self.ek_name, ek_public)?;
         let certificate = read_ek_certificate(&mut ctx)?;
         info!(certificate = certificate.is_some(), "EK identity read");
         Ok(EkIdentity {
@@ -355,9 +358,8 @@ impl Worker {
             return Err(Error::tpm("activate credential", "no AK"));
         };
         let mut ctx = self.open()?;
-        let ek = create_ek(&mut ctx)?;
         // Unlike a quote, activation needs the EK loaded next to the AK.
-        let outcome = with_flush(&mut ctx, ek.into(), "EK", |ctx| {
+        let outcome = with_ek(&mut ctx, &mut self.ek_name, |ctx, ek| {
             let ak = load_ak(ctx, ek, &loaded.private, &loaded.public)?;
             with_flush(ctx, ak.into(), "AK", |ctx| {
                 activate(ctx, ak, ek, credential)
@@ -544,6 +546,52 @@ fn der_len(bytes: &[u8]) -> Option<usize> {
 fn close_quietly(ctx: &mut Context, object: &mut ObjectHandle) {
     if let Err(e) = ctx.tr_close(object) {
         debug!(error = %e, "cannot close an ESYS object");
+    }
+}
+
+/// Where the TCG EK Credential Profile has the RSA EK made persistent
+/// (swtpm_setup and most manufacturers do).
+const EK_RSA_PERSISTENT_HANDLE: u32 = 0x8101_0001;
+
+/// Run `f` with the EK. Creating it (TPM2_CreatePrimary) derives an RSA key
+/// from the endorsement seed: most of a quote's TPM time on swtpm, and
+/// seconds on some hardware TPMs. So the first use creates it and keeps its
+/// name in `known`; later uses take the persistent EK instead when the TPM
+/// has one with that very name (the name covers the public key and policy,
+/// so it is the same key), and create the EK again otherwise.
+fn with_ek<T>(
+    ctx: &mut Context,
+    known: &mut Option<Vec<u8>>,
+    f: impl FnOnce(&mut Context, KeyHandle) -> Result<T, Error>,
+) -> Result<T, Error> {
+    if let Some(mut persistent) = known.as_deref().and_then(|name| persistent_ek(ctx, name)) {
+        let outcome = f(ctx, persistent.into());
+        // Release ESYS's record of it; the TPM keeps the object.
+        if let Err(e) = ctx.tr_close(&mut persistent) {
+            debug!(error = %e, "cannot close the persistent EK's handle");
+        }
+        return outcome;
+    }
+    let ek = create_ek(ctx)?;
+    match ctx.tr_get_name(ek.into()) {
+        Ok(name) => *known = Some(name.value().to_vec()),
+        Err(e) => debug!(error = %e, "cannot read the EK's name"),
+    }
+    with_flush(ctx, ek.into(), "EK", |ctx| f(ctx, ek))
+}
+
+/// The persistent EK, if the TPM has one named `name`.
+fn persistent_ek(ctx: &mut Context, name: &[u8]) -> Option<ObjectHandle> {
+    let handle = PersistentTpmHandle::new(EK_RSA_PERSISTENT_HANDLE).ok()?;
+    let mut object = ctx
+        .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::Persistent(handle)))
+        .ok()?;
+    match ctx.tr_get_name(object) {
+        Ok(found) if found.value() == name => Some(object),
+        _ => {
+            let _ = ctx.tr_close(&mut object);
+            None
+        }
     }
 }
 
