@@ -748,6 +748,10 @@ async fn a_failing_webhook_keeps_the_backlog_and_delivers_it_when_back() {
     let dir = pool();
     let d = dir.path();
     let c = collector(d).await;
+    // Failing from the start: the deliverer polls every second, and on a
+    // busy machine a poll can fall between recording the old events below
+    // and the first mode change, which would deliver them early.
+    c.mode.store(0, Ordering::SeqCst);
     let s = Server::start(d, |cfg| {
         cfg.audit.webhook = Some(webhook(&c, d));
         cfg.audit.retention_days = 1;
