@@ -1520,28 +1520,25 @@ macro_rules! sql_store {
         ) -> Result<(), sqlx::Error> {
             use sqlx::Row;
             let meta = $crate::audit::chain::EventMeta::of(&event.body);
-            if !heads.0.contains_key(&meta.server) {
-                sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
-                    .bind(&meta.server)
-                    .bind($crate::audit::chain::GENESIS)
-                    .execute(&mut **tx)
-                    .await?;
-                let row = sqlx::query("UPDATE audit_chain_heads SET count = count WHERE server = $1 RETURNING seq, hash, count")
-                    .bind(&meta.server)
-                    .fetch_one(&mut **tx)
-                    .await?;
-                heads.0.insert(
-                    meta.server.clone(),
-                    $crate::store::ChainHead {
+            let head = match heads.0.entry(meta.server.clone()) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(first) => {
+                    sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
+                        .bind(&meta.server)
+                        .bind($crate::audit::chain::GENESIS)
+                        .execute(&mut **tx)
+                        .await?;
+                    let row = sqlx::query("UPDATE audit_chain_heads SET count = count WHERE server = $1 RETURNING seq, hash, count")
+                        .bind(&meta.server)
+                        .fetch_one(&mut **tx)
+                        .await?;
+                    first.insert($crate::store::ChainHead {
                         server: meta.server.clone(),
                         seq: row.try_get("seq")?,
                         hash: row.try_get("hash")?,
                         count: row.try_get("count")?,
-                    },
-                );
-            }
-            let Some(head) = heads.0.get_mut(&meta.server) else {
-                return Err(sqlx::Error::Protocol("chain head not loaded".into()));
+                    })
+                }
             };
             let index = head.count + 1;
             let hash = $crate::audit::chain::link(&head.hash, &meta.canonical);

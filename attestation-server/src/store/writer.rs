@@ -114,12 +114,13 @@ impl Write {
     /// Where the write goes in its batch. Every batch takes its row locks
     /// in one order (challenges by nonce, then host rows by name, as policy
     /// changes do, then verdicts and the chain head), so two batches, or a
-    /// batch and a policy change, on PostgreSQL cannot deadlock.
+    /// batch and a policy change, on PostgreSQL cannot deadlock. Events
+    /// lock nothing but the chain head: they keep their arrival order.
     fn order(&self) -> (u8, &str) {
         match self {
             Write::Challenge { nonce, .. } | Write::TakeChallenge { nonce, .. } => (0, nonce),
             Write::Attestation(a) => (1, &a.host),
-            Write::Event(e) => (2, &e.id),
+            Write::Event(_) => (2, ""),
         }
     }
 }
@@ -164,14 +165,10 @@ impl Writer {
 
     /// Queue a write and wait until its batch committed (or failed).
     pub(crate) async fn submit(&self, write: Write) -> Result<Written, StoreError> {
+        let stopped = || StoreError::Unavailable("the store's writer has stopped".into());
         let (reply, answer) = oneshot::channel();
-        self.0
-            .send((write, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?
+        self.0.send((write, reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
@@ -253,6 +250,16 @@ mod tests {
         // Challenges by nonce, hosts by name (arrival order kept for node2),
         // the event last.
         assert_eq!(batch_order(&writes), vec![5, 2, 3, 1, 4, 0]);
+        // Events keep their arrival order, whatever their ids.
+        let event = |id: &str| {
+            Write::Event(NewEvent {
+                id: id.into(),
+                time: chrono::Utc::now(),
+                host: None,
+                body: "{}".into(),
+            })
+        };
+        assert_eq!(batch_order(&[event("b"), event("a")]), vec![0, 1]);
     }
 
     #[test]
