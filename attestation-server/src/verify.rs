@@ -31,7 +31,7 @@ use proto::policy::{
     AppliedPolicy, Group, MatchPolicy, Part, PartOutcome, PartResult, WhitelistRef,
     WhitelistVersion,
 };
-use proto::runtime_policy::{PolicyDocument, RuntimePolicy};
+use proto::runtime_policy::RuntimePolicy;
 use proto::tpm::{
     self, Attest, ClockInfo, EccCurve, HashAlg, KeyScheme, PcrSelection, Public, PublicKey,
     Signature,
@@ -1180,9 +1180,9 @@ pub fn judge(pcrs: &PcrValues, logs: &Logs<'_>, policy: &HostPolicy) -> Judgemen
                 checked += 1;
                 part_faults.extend(judge_boot(logs.uefi, boot, name, w));
             }
-            if let Some(doc) = &part.runtime {
+            if let Some(policy) = &part.runtime {
                 checked += 1;
-                let (faults, record) = judge_runtime(logs.ima.as_ref(), doc, name, w);
+                let (faults, record) = judge_runtime(logs.ima.as_ref(), policy, name, w);
                 part_faults.extend(faults);
                 if let Some((fp, record)) = record {
                     runtime.insert(fp, record);
@@ -1286,18 +1286,17 @@ fn judge_boot(
         .collect()
 }
 
-/// A stable name of a runtime policy's content: versions of a whitelist
-/// that keep the same runtime policy keep its findings.
-pub fn runtime_fingerprint(doc: &PolicyDocument) -> String {
-    let json = serde_json::to_vec(doc).unwrap_or_default();
-    hex::encode(HashAlg::Sha256.hash(&[&json]))
+/// The name a runtime policy's findings are kept under (see
+/// [`RuntimePolicy::fingerprint`]).
+pub fn runtime_fingerprint(policy: &RuntimePolicy) -> String {
+    policy.fingerprint().to_string()
 }
 
 /// A runtime policy against the new IMA entries, on top of what it found
 /// earlier in this boot. Returns the part's faults and the record to keep.
 fn judge_runtime(
     ima: Option<&ImaLogs<'_>>,
-    doc: &PolicyDocument,
+    policy: &RuntimePolicy,
     part_name: &str,
     w: &WhitelistVersion,
 ) -> (Vec<Reason>, Option<(String, RuntimeRecord)>) {
@@ -1320,7 +1319,7 @@ fn judge_runtime(
             None,
         );
     }
-    let fp = runtime_fingerprint(doc);
+    let fp = runtime_fingerprint(policy);
     let previous = ima.verified.get(&fp);
     if previous.is_none() && ima.start.entries_verified > 0 {
         return (
@@ -1335,8 +1334,7 @@ fn judge_runtime(
         );
     }
     let mut record = previous.cloned().unwrap_or_default();
-    let policy = RuntimePolicy::new(doc.clone());
-    match ima::verify(ima.entries, &policy, ima.start, ima.bank) {
+    match ima::verify(ima.entries, policy, ima.start, ima.bank) {
         Ok(outcome) => {
             record.failures_total = record.failures_total.saturating_add(outcome.failures_total);
             let room = MAX_RUNTIME_FAULTS.saturating_sub(record.faults.len());
@@ -1514,8 +1512,8 @@ impl LogNeeds {
             if let Some(boot) = &part.boot {
                 needs.boot_banks.insert(boot.bank);
             }
-            if let Some(doc) = &part.runtime {
-                needs.runtime.insert(runtime_fingerprint(doc));
+            if let Some(policy) = &part.runtime {
+                needs.runtime.insert(runtime_fingerprint(policy));
             }
         }
         needs
@@ -1638,10 +1636,13 @@ mod tests {
             })
             .collect();
         Part {
-            runtime: Some(PolicyDocument {
-                digests,
-                ..PolicyDocument::default()
-            }),
+            runtime: Some(
+                proto::runtime_policy::PolicyDocument {
+                    digests,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             ..Part::default()
         }
     }

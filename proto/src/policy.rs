@@ -46,7 +46,7 @@ pub struct Part {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<crate::bootpolicy::BootPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime: Option<crate::runtime_policy::PolicyDocument>,
+    pub runtime: Option<crate::runtime_policy::RuntimePolicy>,
 }
 
 impl Part {
@@ -267,13 +267,23 @@ pub struct ChangeReport {
     pub changed: Vec<VerdictChange>,
 }
 
-/// One PCR whose acceptable values differ between two versions.
+/// One difference between two versions of a whitelist: the acceptable
+/// values of one PCR (`bank`, `pcr`), or one field of a part's boot or
+/// runtime policy (`policy`, `pointer`: an RFC 6901 JSON pointer into that
+/// policy's JSON, e.g. `/digests/~1usr~1bin~1bash`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DiffEntry {
     pub part: String,
-    pub bank: HashAlg,
-    pub pcr: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bank: Option<HashAlg>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcr: Option<u8>,
+    /// `boot` or `runtime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointer: Option<String>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
 }
@@ -372,8 +382,8 @@ pub fn normalize_parts(parts: &mut Parts) -> Result<(), PolicyError> {
                 source,
             })?;
         }
-        if let Some(doc) = &p.runtime {
-            crate::runtime_policy::RuntimePolicy::new(doc.clone())
+        if let Some(runtime) = &p.runtime {
+            runtime
                 .validate()
                 .map_err(|source| PolicyError::RuntimePolicy {
                     part: part.clone(),
@@ -453,8 +463,10 @@ pub fn validate_group(spec: &GroupSpec) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// The acceptable values that differ between two versions' parts, in
-/// (part, bank, PCR) order.
+/// What differs between two versions' parts: PCR values in (part, bank,
+/// PCR) order, then, per part, the fields of its boot and runtime policies
+/// in JSON-pointer order. A list-valued field lists the values added and
+/// removed; a scalar that changed lists its new and old value.
 pub fn diff(from: &Parts, to: &Parts) -> Vec<DiffEntry> {
     let mut keys = std::collections::BTreeSet::new();
     for (parts, _) in [(from, 0), (to, 1)] {
@@ -474,21 +486,123 @@ pub fn diff(from: &Parts, to: &Parts) -> Vec<DiffEntry> {
             .cloned()
             .unwrap_or_default()
     };
-    keys.into_iter()
+    let mut out: Vec<DiffEntry> = keys
+        .into_iter()
         .filter_map(|(part, bank, pcr)| {
-            let a = values(from, &part, bank, pcr);
-            let b = values(to, &part, bank, pcr);
-            let added: Vec<String> = b.iter().filter(|v| !a.contains(v)).cloned().collect();
-            let removed: Vec<String> = a.iter().filter(|v| !b.contains(v)).cloned().collect();
+            let (added, removed) = added_removed(
+                &values(from, &part, bank, pcr),
+                &values(to, &part, bank, pcr),
+            );
             (!added.is_empty() || !removed.is_empty()).then_some(DiffEntry {
                 part,
-                bank,
-                pcr,
+                bank: Some(bank),
+                pcr: Some(pcr),
+                policy: None,
+                pointer: None,
                 added,
                 removed,
             })
         })
-        .collect()
+        .collect();
+    let names: std::collections::BTreeSet<&String> = from.keys().chain(to.keys()).collect();
+    for part in names {
+        let (a, b) = (from.get(part), to.get(part));
+        let boot = |p: Option<&Part>| p.and_then(|p| p.boot.as_ref()).map(serde_json::to_value);
+        let runtime =
+            |p: Option<&Part>| p.and_then(|p| p.runtime.as_ref()).map(serde_json::to_value);
+        for (policy, old, new) in [
+            ("boot", boot(a), boot(b)),
+            ("runtime", runtime(a), runtime(b)),
+        ] {
+            // Our own policy types always serialize; a failure reads as absent.
+            let old = json_leaves(old.and_then(Result::ok));
+            let new = json_leaves(new.and_then(Result::ok));
+            let pointers: std::collections::BTreeSet<&String> =
+                old.keys().chain(new.keys()).collect();
+            for pointer in pointers {
+                let none = Vec::new();
+                let (added, removed) = added_removed(
+                    old.get(pointer).unwrap_or(&none),
+                    new.get(pointer).unwrap_or(&none),
+                );
+                if added.is_empty() && removed.is_empty() {
+                    continue;
+                }
+                out.push(DiffEntry {
+                    part: part.clone(),
+                    bank: None,
+                    pcr: None,
+                    policy: Some(policy.into()),
+                    pointer: Some(pointer.clone()),
+                    added,
+                    removed,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Values in `new` and not in `old`, and in `old` and not in `new`.
+fn added_removed(old: &[String], new: &[String]) -> (Vec<String>, Vec<String>) {
+    let old_set: std::collections::HashSet<&String> = old.iter().collect();
+    let new_set: std::collections::HashSet<&String> = new.iter().collect();
+    (
+        new.iter()
+            .filter(|v| !old_set.contains(v))
+            .cloned()
+            .collect(),
+        old.iter()
+            .filter(|v| !new_set.contains(v))
+            .cloned()
+            .collect(),
+    )
+}
+
+/// A JSON value as JSON pointer -> the values there: an array of scalars is
+/// one set of values, an array holding objects or arrays is a field per
+/// index, a scalar is one value (strings bare, others as JSON).
+fn json_leaves(v: Option<serde_json::Value>) -> BTreeMap<String, Vec<String>> {
+    fn scalar(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    fn walk(v: &serde_json::Value, at: &mut String, out: &mut BTreeMap<String, Vec<String>>) {
+        let len = at.len();
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map {
+                    at.push('/');
+                    at.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                    walk(child, at, out);
+                    at.truncate(len);
+                }
+            }
+            serde_json::Value::Array(items)
+                if items.iter().all(|i| !i.is_object() && !i.is_array()) =>
+            {
+                out.insert(at.clone(), items.iter().map(scalar).collect());
+            }
+            serde_json::Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    at.push('/');
+                    at.push_str(&i.to_string());
+                    walk(child, at, out);
+                    at.truncate(len);
+                }
+            }
+            other => {
+                out.insert(at.clone(), vec![scalar(other)]);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if let Some(v) = v {
+        walk(&v, &mut String::new(), &mut out);
+    }
+    out
 }
 
 /// Convert Keylime's `tpm_policy` JSON (`{"mask": "0x…", "15": ["hex", …],
@@ -743,7 +857,7 @@ mod tests {
         ]);
         let d = diff(&v1, &v2);
         assert_eq!(d.len(), 2);
-        assert_eq!((d[0].part.as_str(), d[0].pcr), ("os", 8));
+        assert_eq!((d[0].part.as_str(), d[0].pcr), ("os", Some(8)));
         assert_eq!(d[0].added, vec![hex32(3)]);
         assert_eq!(
             (d[1].part.as_str(), d[1].added.clone()),
@@ -753,6 +867,82 @@ mod tests {
         let back = diff(&v2, &v1);
         assert_eq!(back[1].removed, vec![hex32(2)]);
         assert!(diff(&v1, &v1).is_empty());
+    }
+
+    #[test]
+    fn diff_names_boot_and_runtime_policy_changes() {
+        let runtime = |digests: serde_json::Value, violations: bool| -> Part {
+            serde_json::from_value(serde_json::json!({
+                "runtime": {"digests": digests, "excludes": ["/tmp/.*"], "allow_violations": violations}
+            }))
+            .unwrap()
+        };
+        let (a, b, c) = (
+            format!("sha256:{}", hex32(1)),
+            format!("sha256:{}", hex32(2)),
+            format!("sha256:{}", hex32(3)),
+        );
+        let v1 = Parts::from([(
+            "runtime".into(),
+            runtime(
+                serde_json::json!({"/usr/bin/bash": [a.clone()], "/usr/bin/old": [c.clone()]}),
+                false,
+            ),
+        )]);
+        let v2 = Parts::from([(
+            "runtime".into(),
+            runtime(
+                serde_json::json!({"/usr/bin/bash": [a.clone(), b.clone()]}),
+                true,
+            ),
+        )]);
+        let d = diff(&v1, &v2);
+        let view: Vec<(&str, Vec<String>, Vec<String>)> = d
+            .iter()
+            .map(|e| {
+                assert_eq!(
+                    (e.part.as_str(), e.policy.as_deref(), e.bank, e.pcr),
+                    ("runtime", Some("runtime"), None, None)
+                );
+                (
+                    e.pointer.as_deref().unwrap(),
+                    e.added.clone(),
+                    e.removed.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            [
+                (
+                    "/allow_violations",
+                    vec!["true".to_string()],
+                    vec!["false".to_string()]
+                ),
+                ("/digests/~1usr~1bin~1bash", vec![b.clone()], vec![]),
+                ("/digests/~1usr~1bin~1old", vec![], vec![c.clone()]),
+            ]
+        );
+        assert!(diff(&v2, &v2).is_empty());
+
+        // A boot policy appearing is listed field by field.
+        let mut v3 = v2.clone();
+        if let Some(p) = v3.get_mut("runtime") {
+            p.boot = serde_json::from_value(serde_json::json!({
+                "version": 1, "bank": "sha256",
+                "kernel_cmdline": ["^BOOT_IMAGE=/vmlinuz"]
+            }))
+            .unwrap();
+        }
+        let d = diff(&v2, &v3);
+        assert!(!d.is_empty());
+        assert!(d
+            .iter()
+            .all(|e| e.policy.as_deref() == Some("boot") && e.removed.is_empty()));
+        assert!(d
+            .iter()
+            .any(|e| e.pointer.as_deref() == Some("/kernel_cmdline")
+                && e.added == ["^BOOT_IMAGE=/vmlinuz"]));
     }
 
     #[test]

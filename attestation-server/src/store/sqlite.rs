@@ -10,6 +10,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
     gate: std::sync::Arc<super::WriteGate>,
     writer: super::writer::Writer,
+    whitelists: super::WhitelistCache,
 }
 
 impl SqliteStore {
@@ -31,7 +32,12 @@ impl SqliteStore {
         let gate = std::sync::Arc::new(super::WriteGate::exclusive());
         let (writer, queue) = super::writer::Writer::channel();
         tokio::spawn(write_loop(pool.clone(), gate.clone(), queue));
-        Ok(Self { pool, gate, writer })
+        Ok(Self {
+            pool,
+            gate,
+            writer,
+            whitelists: super::WhitelistCache::default(),
+        })
     }
 }
 
