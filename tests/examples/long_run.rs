@@ -4,7 +4,9 @@
 //! process's RSS, and the TPM's transient objects and sessions as
 //! `tpm2_getcap` sees them between rounds (the agent releases the TPM
 //! between attestations, so the tool can connect). Flat RSS and zero
-//! handles and sessions throughout mean no leak. A benchmark-style script,
+//! handles and sessions throughout mean no leak. `threads` is the process's
+//! thread count: glibc gives threads their own malloc arenas, so RSS that
+//! steps up with it is arenas, not a leak. A benchmark-style script,
 //! not a CI test:
 //!
 //!   cargo run --release -p e2e-tests --example long_run -- --quotes 100000 --interval-ms 100
@@ -25,14 +27,37 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn rss_kb() -> u64 {
+/// A number field of /proc/self/status (`VmRSS` in kB, `Threads`).
+fn status(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.split(':').next() == Some(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kb() -> u64 {
+    status("VmRSS")
+}
+
+/// Threads whose name starts with `prefix`: sqlx runs each open SQLite
+/// connection on its own `sqlx-sqlite-worker` thread, and each connection
+/// has its own page cache (2 MB at SQLite's default), so this counts the
+/// server's open database connections.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|name| name.starts_with(prefix))
+                })
+                .count()
         })
         .unwrap_or(0)
 }
@@ -95,8 +120,10 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"quotes": n, "secs": started.elapsed().as_secs_f64().round(),
-                    "rss_kb": rss, "tpm_transient": transient, "tpm_sessions": sessions,
-                    "untrusted": untrusted, "errors": errors})
+                    "rss_kb": rss, "rss_anon_kb": status("RssAnon"), "rss_file_kb": status("RssFile"),
+                    "rss_shmem_kb": status("RssShmem"), "threads": status("Threads"),
+                    "sqlite_connections": threads_named("sqlx-sqlite"),
+                    "tpm_transient": transient, "tpm_sessions": sessions, "untrusted": untrusted, "errors": errors})
             );
         }
         if let Some(rest) = interval.checked_sub(round.elapsed()) {

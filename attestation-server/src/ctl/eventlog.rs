@@ -65,6 +65,18 @@ pub fn run_policy(cmd: &PolicyCommand) -> Result<Value, CtlError> {
         PolicyCommand::FromEventlog { file, out } => {
             let log = read_log(file)?;
             let policy = BootPolicy::from_eventlog(&log);
+            // A golden policy must describe what the TPM measured. An event
+            // whose data does not hash to its digest (or does not parse)
+            // is left out of the policy, so the policy refuses its own log:
+            // say so instead of writing a policy no host can pass.
+            if let Some(fault) = policy.evaluate(&log).first() {
+                return Err(CtlError::Input {
+                    path: file.display().to_string(),
+                    detail: format!(
+                        "boot_policy_from_untrusted_log: {fault}; the log's event data is not what its digests cover, so no policy is generated from it"
+                    ),
+                });
+            }
             let value = serde_json::to_value(&policy).map_err(|e| CtlError::Input {
                 path: file.display().to_string(),
                 detail: e.to_string(),
@@ -139,6 +151,36 @@ mod tests {
             serde_json::from_value::<BootPolicy>(printed).unwrap(),
             policy
         );
+    }
+
+    #[test]
+    fn no_policy_from_a_log_whose_data_is_not_what_was_measured() {
+        // The last byte of the dbx variable's data changed, its digest kept:
+        // a forged revocation list the TPM never measured.
+        let file = fixture("create-mb-policy-secureboot.bin");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let log = proto::eventlog::parse(&bytes).unwrap();
+        let dbx = log
+            .events
+            .iter()
+            .find(|e| proto::eventlog::parse_uefi_variable(e).is_ok_and(|v| v.name == "dbx"))
+            .expect("the fixture measures dbx");
+        let (index, last) = (dbx.index, dbx.data_offset + dbx.data.len() - 1);
+        bytes[last] ^= 0x01;
+        let dir = tempfile::tempdir().unwrap();
+        let forged = dir.path().join("forged.bin");
+        std::fs::write(&forged, &bytes).unwrap();
+        let out = dir.path().join("boot.json");
+        let e = run_policy(&PolicyCommand::FromEventlog {
+            file: forged,
+            out: Some(out.clone()),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("boot_policy_from_untrusted_log"), "{e}");
+        assert!(e.contains("event_data_digest_mismatch"), "{e}");
+        assert!(e.contains(&format!("at event {index} ")), "{e}");
+        assert!(!out.exists(), "nothing written");
     }
 
     #[test]
