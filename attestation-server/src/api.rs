@@ -144,6 +144,28 @@ pub(crate) fn valid_host(host: &str) -> Result<(), Error> {
     }
 }
 
+/// `429 too_many_failures` for a host whose evidence keeps being refused
+/// (see [`crate::throttle`]): answered before any database or verifier
+/// work, and only after a delay (at most [`THROTTLE_DELAY`]), so a client
+/// that retries at once instead of honouring Retry-After makes a new TLS
+/// handshake every second, not hundreds of times a second (measured in
+/// docs/benchmarks.md). The delay costs a connection slot, not CPU.
+async fn not_throttled(st: &AppState, host: &str) -> Result<(), Error> {
+    let Err(wait) = st.throttle.check(host, std::time::Instant::now()) else {
+        return Ok(());
+    };
+    st.metrics.observe_throttled();
+    let delay = wait.min(THROTTLE_DELAY);
+    tokio::time::sleep(delay).await;
+    Err(Error::TooManyFailures {
+        host: host.to_string(),
+        retry_after_secs: wait.saturating_sub(delay).as_secs().max(1),
+    })
+}
+
+/// Longest a throttled request is held before its 429.
+const THROTTLE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn challenge(
     State(st): State<Arc<AppState>>,
     caller: Caller,
@@ -152,6 +174,7 @@ async fn challenge(
 ) -> Result<Json<Challenge>, Error> {
     valid_host(&host)?;
     caller.require_agent_for(&host)?;
+    not_throttled(&st, &host).await?;
     let (record, _) = enrolled(st.store.host(&host).await?, &host)?;
     // Ask for the logs the host's policy judges, and the PCRs they extend.
     let needs = verify::LogNeeds::of(&st.store.host_policy(&host).await?);
@@ -210,6 +233,7 @@ async fn evidence(
         }
         return Err(e);
     }
+    not_throttled(&st, &host).await?;
     let started = std::time::Instant::now();
     let (record, ak) = enrolled(st.store.host(&host).await?, &host)?;
     let trust_before = current_trust(&host, record.verdict.clone(), now).trust;
@@ -275,6 +299,7 @@ async fn evidence(
             }
             st.metrics
                 .observe_attestation(&verified.verdict, started.elapsed());
+            st.throttle.accepted(&host);
             st.audit_wake.notify_one();
             st.push
                 .report(&host, trust_before, verified.verdict.trust, now);
@@ -322,6 +347,14 @@ async fn evidence(
             };
             st.store.record_attestation(&host, rec).await?;
             st.metrics.observe_attestation(&verdict, started.elapsed());
+            if st.throttle.refused(&host, std::time::Instant::now()) {
+                tracing::warn!(
+                    host,
+                    burst = st.config.failure_burst,
+                    refill_secs = st.config.failure_refill_secs,
+                    "host throttled: its evidence was refused too often in a row"
+                );
+            }
             st.audit_wake.notify_one();
             st.push.report(&host, trust_before, verdict.trust, now);
             tracing::warn!(host, code = err.code(), error = %err, "evidence refused");

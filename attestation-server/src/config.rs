@@ -74,6 +74,13 @@ pub struct ServerConfig {
     /// Longest time one request may take, reading its body included
     /// (`408 request_timeout` after): a slow client cannot hold a worker.
     pub request_timeout_secs: u64,
+    /// Refused evidence submissions (not genuine: bad signature, replayed
+    /// nonce, malformed) a host may make in a row before its challenge and
+    /// evidence requests get `429 too_many_failures` without being judged.
+    pub failure_burst: u32,
+    /// Once throttled, one more attempt per this many seconds; an accepted
+    /// attestation gives the host its full burst back.
+    pub failure_refill_secs: u64,
     /// `text` (default) or `json`: one JSON object per log line, carrying
     /// the request id of the request it belongs to.
     pub log_format: crate::logging::LogFormat,
@@ -144,6 +151,8 @@ impl Default for ServerConfig {
             oat: OatConfig::default(),
             max_connections: 4096,
             request_timeout_secs: 30,
+            failure_burst: 10,
+            failure_refill_secs: 30,
             log_format: crate::logging::LogFormat::Text,
         }
     }
@@ -248,6 +257,12 @@ impl ServerConfig {
         }
         if self.request_timeout_secs == 0 {
             return bad("request_timeout_secs", "must be at least 1".into());
+        }
+        if self.failure_burst == 0 {
+            return bad("failure_burst", "must be at least 1".into());
+        }
+        if !(1..=86_400).contains(&self.failure_refill_secs) {
+            return bad("failure_refill_secs", "must be 1-86400".into());
         }
         let url = &self.database_url.0;
         if !(url.starts_with("sqlite:")

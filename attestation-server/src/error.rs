@@ -108,6 +108,10 @@ pub enum Error {
     NotFound,
     #[error("the request took longer than {secs} s")]
     RequestTimeout { secs: u64 },
+    #[error(
+        "too much of host {host}'s evidence was refused lately; try again in {retry_after_secs} s"
+    )]
+    TooManyFailures { host: String, retry_after_secs: u64 },
     #[error("this API route does not take that method")]
     MethodNotAllowed,
     #[error("I/O error on {path}: {source}")]
@@ -181,6 +185,7 @@ impl Error {
             UnknownHost(_) | NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             Storage(_) | PolicyChanging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Config { .. } | TlsSetup(_) | Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             OatUnauthorized => StatusCode::UNAUTHORIZED,
@@ -245,6 +250,7 @@ impl Error {
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
             RequestTimeout { .. } => "request_timeout",
+            TooManyFailures { .. } => "too_many_failures",
             Io { .. } => "io_error",
             OatUnauthorized => "oat_auth_failed",
             TooMany { .. } => "too_many",
@@ -275,6 +281,16 @@ impl IntoResponse for Error {
                 message,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Error::TooManyFailures {
+            retry_after_secs, ..
+        } = &self
+        {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(*retry_after_secs),
+            );
+        }
+        response
     }
 }

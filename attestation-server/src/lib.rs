@@ -21,6 +21,7 @@ pub mod placement;
 pub mod push;
 pub mod simulate;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod token;
 pub mod verify;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub push: Arc<push::Push>,
     /// Attestation counters and latency for `GET /metrics`.
     pub metrics: metrics::Metrics,
+    /// Hosts whose evidence keeps being refused.
+    pub throttle: throttle::FailureThrottle,
 }
 
 impl AppState {
@@ -79,6 +82,10 @@ impl AppState {
             .transpose()?
             .map(Arc::new);
         let store = store::open(&config.database_url.0).await?;
+        let throttle = throttle::FailureThrottle::new(
+            config.failure_burst,
+            Duration::from_secs(config.failure_refill_secs),
+        );
         Ok(Arc::new(Self {
             config,
             store,
@@ -90,6 +97,7 @@ impl AppState {
             token,
             push: Arc::new(push::Push::default()),
             metrics: metrics::Metrics::default(),
+            throttle,
         }))
     }
 }

@@ -47,6 +47,7 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    throttled: AtomicU64,
 }
 
 impl Metrics {
@@ -78,6 +79,11 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Count one challenge or evidence request refused by the failure throttle.
+    pub fn observe_throttled(&self) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The counters and histogram in the Prometheus text format.
@@ -129,6 +135,17 @@ impl Metrics {
         let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}");
         let _ = writeln!(out, "{name}_count {count}");
+        family(
+            out,
+            "attestation_throttled_requests_total",
+            "counter",
+            "Challenge and evidence requests answered 429 too_many_failures (the host's evidence kept being refused).",
+        );
+        let _ = writeln!(
+            out,
+            "attestation_throttled_requests_total {}",
+            self.throttled.load(Ordering::Relaxed)
+        );
     }
 }
 

@@ -330,3 +330,115 @@ fn roots(ca: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
     }
     Ok(store)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_evidence_keeps_being_refused_is_throttled() -> anyhow::Result<()> {
+    test_support::require_tools()?;
+    let swtpm = SwTpm::start()?;
+    let swtpm2 = SwTpm::start()?;
+    let cas = [swtpm.local_ca_certs(), swtpm2.local_ca_certs()].concat();
+    let pool = Pool::start(
+        &[("node1", swtpm.tcti()), ("node2", swtpm2.tcti())],
+        30,
+        |c| {
+            c.ek_ca = cas.clone();
+            c.failure_burst = 3;
+            c.failure_refill_secs = 2;
+        },
+    )
+    .await?;
+    for host in ["node1", "node2"] {
+        let mut config = pool.agent_config(host)?;
+        config.ak_type = AkType::Ecc;
+        let mut agent = host_agent::Agent::new(&config)?;
+        agent.enroll().await?;
+        agent.shutdown().await;
+    }
+    let mut config = pool.agent_config("node1")?;
+    config.ak_type = AkType::Ecc;
+    let host = Host {
+        api: pool.client("agent-node1")?,
+        tpm: Tpm::start(&swtpm.tcti(), AkType::Ecc, &config.state_dir)?,
+    };
+    let ch = host.challenge().await;
+    host.submit(&host.evidence(&ch, None).await).await?;
+    let admin = pool.client("admin")?;
+    let _: serde_json::Value = admin
+        .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
+        .await?;
+    host.genuine_round().await;
+
+    // Evidence that is not genuine, `failure_burst` times in a row: each is
+    // judged, refused and audited.
+    let garbage = |ev: &mut Evidence| -> anyhow::Result<()> {
+        let raw = B64.decode(&ev.attest)?;
+        ev.attest = B64.encode(&raw[..raw.len() / 2]);
+        Ok(())
+    };
+    let mut selection = Default::default();
+    for _ in 0..3 {
+        let ch = host.challenge().await;
+        let mut ev = host.evidence(&ch, None).await;
+        garbage(&mut ev)?;
+        expect_code(host.submit(&ev).await, 400, "attest_malformed");
+        selection = ch.pcr_selection;
+    }
+    let audited = attestations(&pool.audit_events().await?, "node1").len();
+
+    // Now the host is answered 429 before any work: challenge and evidence,
+    // with Retry-After, and nothing more is stored or audited.
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(proto::client::rustls_config(&pool.files("agent-node1"))?)
+        .build()?;
+    let resp = http
+        .post(format!("{}/v1/agents/node1/challenge", pool.url))
+        .json(&serde_json::json!({}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 429);
+    let retry: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After header in seconds");
+    assert!((1..=2).contains(&retry), "retry after {retry} s");
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "too_many_failures");
+    let unissued = Challenge {
+        nonce: "00".repeat(32),
+        pcr_selection: selection,
+        expires_at: chrono::Utc::now(),
+        uefi_log: false,
+        ima_from: None,
+    };
+    let mut ev = host.evidence(&unissued, None).await;
+    garbage(&mut ev)?;
+    expect_code(host.submit(&ev).await, 429, "too_many_failures");
+    assert_eq!(
+        attestations(&pool.audit_events().await?, "node1").len(),
+        audited,
+        "throttled requests store and audit nothing"
+    );
+    assert_eq!(pool.trust("node1").await?.trust, Trust::Untrusted);
+
+    // Another host is not affected.
+    let other: Challenge = pool
+        .client("agent-node2")?
+        .post("/v1/agents/node2/challenge", &serde_json::json!({}))
+        .await?;
+    assert_eq!(other.nonce.len(), 64);
+
+    // After the refill period the host may try again; a genuine attestation
+    // is trusted and gives it its whole burst back.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    host.genuine_round().await;
+    for _ in 0..2 {
+        let ch = host.challenge().await;
+        let mut ev = host.evidence(&ch, None).await;
+        garbage(&mut ev)?;
+        expect_code(host.submit(&ev).await, 400, "attest_malformed");
+    }
+    host.genuine_round().await;
+    Ok(())
+}
