@@ -173,9 +173,12 @@ impl Pool {
     }
 }
 
+/// The complete lines of a file another task may be appending to: a last
+/// line without its newline is still being written and is left out.
 fn read_lines(path: &Path) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(path).ok()?;
-    Some(text.lines().map(str::to_string).collect())
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    Some(complete.lines().map(str::to_string).collect())
 }
 
 /// Events about `host` that are attestations, in order.
