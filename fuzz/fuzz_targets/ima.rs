@@ -70,7 +70,12 @@ fuzz_target!(|data: &[u8]| {
         2 => {
             if let Some(p) = policy() {
                 let state = ImaState::new(None, None, &BANKS);
-                let _ = ima::verify_ascii(rest, 0, p, &state, HashAlg::Sha256);
+                let one = ima::verify_ascii(rest, 0, p, &state, HashAlg::Sha256);
+                // The parallel path cuts the list into pieces (here a few
+                // lines each) verified on two threads: it must give exactly
+                // the one-thread answer, errors and failures included.
+                let two = ima::verify_ascii_on_threads(rest, 0, p, &state, HashAlg::Sha256, 2);
+                assert_eq!(one, two, "parallel and sequential verification differ");
             }
         }
         3 => {
