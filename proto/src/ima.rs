@@ -951,7 +951,9 @@ pub fn encode_binary(entries: &[ImaEntry]) -> Vec<u8> {
     out
 }
 
-/// Encode entries as an ascii list.
+/// Encode entries as an ascii list that [`parse_ascii`] reads back to the
+/// same entries. The parser drops one `\r` before each line's newline (CRLF
+/// lists), so a line whose last field ends in `\r` gets one more.
 pub fn encode_ascii(entries: &[ImaEntry]) -> String {
     let mut out = String::new();
     for e in entries {
@@ -973,6 +975,9 @@ pub fn encode_ascii(entries: &[ImaEntry]) -> String {
         if e.template.field_count() == 3 {
             out.push(' ');
             out.push_str(&hex::encode(e.extra()));
+        }
+        if out.ends_with('\r') {
+            out.push('\r');
         }
         out.push('\n');
     }
@@ -2524,6 +2529,36 @@ mod tests {
             parallel_agrees(crlf.as_bytes(), 1, &policy, &two_banks(), HashAlg::Sha1).unwrap();
         assert!(out.ok());
         assert_eq!(out.entries_checked, 826);
+    }
+
+    #[test]
+    fn a_name_ending_in_carriage_return_survives_the_ascii_round_trip() {
+        // Fuzzing finding (docs/security.md): the line `... {},\r\r\n`
+        // parses to a name ending in `\r` (one `\r` is the CRLF ending);
+        // encoding it must keep that `\r`.
+        let line = "10 753fcbc39d3234266cae396bebb3b6e5b0974f36 ima-ng sha1:98092c53c80882d555bfd54cd4d5c03f0885f391 /etc/ld.so.cache {},\r\r\n";
+        let entries = parse_ascii(line.as_bytes()).unwrap();
+        assert_eq!(entries[0].name(), "/etc/ld.so.cache {},\r");
+        let text = encode_ascii(&entries);
+        assert!(text.ends_with("{},\r\r\n"), "{text:?}");
+        let again = parse_ascii(text.as_bytes()).unwrap();
+        assert_eq!(again[0].name(), entries[0].name());
+        assert_eq!(again, entries);
+        // A kernel list is never CRLF: there a file name ending in `\r` loses
+        // it, and its entry fails closed on the template hash.
+        let e = make_entry(Template::ImaNg, HashAlg::Sha256, &[7; 32], "/tmp/x\r", &[]).unwrap();
+        let ours = encode_ascii(std::slice::from_ref(&e));
+        let kernel = format!(
+            "{}\n",
+            ours.trim_end_matches('\n').strip_suffix('\r').unwrap()
+        );
+        assert!(kernel.ends_with("/tmp/x\r\n"));
+        let read = parse_ascii(kernel.as_bytes()).unwrap();
+        assert_eq!(read[0].name(), "/tmp/x");
+        assert_ne!(
+            read[0].template_hash_for(HashAlg::Sha1).as_slice(),
+            e.template_hash.as_slice()
+        );
     }
 
     #[test]
