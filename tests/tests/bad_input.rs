@@ -4,6 +4,7 @@
 //! trusted, and leaves the server serving (a genuine quote afterwards is
 //! trusted again).
 
+use attestation_server::config::ServerConfig;
 use base64::Engine;
 use e2e_tests::{attestations, Pool};
 use host_agent::tpm::Tpm;
@@ -80,17 +81,13 @@ fn expect_code(result: Result<HostTrust, ClientError>, status: u16, code: &str) 
     }
 }
 
-async fn assert_untrusted_by(pool: &Pool, step: &str, code: &str) {
-    let t = pool.trust("node1").await.expect("trust");
-    assert_eq!(t.trust, Trust::Untrusted, "after {code}: {t:?}");
-    assert_eq!(
-        (t.reasons[0].step.as_str(), t.reasons[0].code.as_str()),
-        (step, code)
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<()> {
+/// A pool of two swtpm hosts, both enrolled through the agent's own code
+/// (ECC AKs), `tune` applied to the server's config; node1 whitelisted and
+/// trusted, driven through its TPM worker directly so tests can shape its
+/// evidence. The swtpms live as long as the values returned.
+async fn trusted_node1(
+    tune: impl FnOnce(&mut ServerConfig),
+) -> anyhow::Result<(Pool, Host, SwTpm, SwTpm)> {
     test_support::require_tools()?;
     let swtpm = SwTpm::start()?;
     let swtpm2 = SwTpm::start()?;
@@ -99,15 +96,11 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
         &[("node1", swtpm.tcti()), ("node2", swtpm2.tcti())],
         30,
         |c| {
-            c.challenge_ttl_secs = 2;
-            c.max_body_bytes = 16 * 1024;
-            c.max_evidence_bytes = 16 * 1024;
-            c.ek_ca = cas.clone();
+            c.ek_ca = cas;
+            tune(c);
         },
     )
     .await?;
-    // Both hosts enroll through the agent's own code (ECC AKs), then the
-    // test drives node1's TPM worker directly to shape evidence.
     for host in ["node1", "node2"] {
         let mut config = pool.agent_config(host)?;
         config.ak_type = AkType::Ecc;
@@ -124,11 +117,32 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
     // Trusted baseline.
     let ch = host.challenge().await;
     host.submit(&host.evidence(&ch, None).await).await?;
-    let admin = pool.client("admin")?;
-    let _: serde_json::Value = admin
+    let _: serde_json::Value = pool
+        .client("admin")?
         .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
         .await?;
     host.genuine_round().await;
+    Ok((pool, host, swtpm, swtpm2))
+}
+
+async fn assert_untrusted_by(pool: &Pool, step: &str, code: &str) {
+    let t = pool.trust("node1").await.expect("trust");
+    assert_eq!(t.trust, Trust::Untrusted, "after {code}: {t:?}");
+    assert_eq!(
+        (t.reasons[0].step.as_str(), t.reasons[0].code.as_str()),
+        (step, code)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<()> {
+    let (pool, host, swtpm, _swtpm2) = trusted_node1(|c| {
+        c.challenge_ttl_secs = 2;
+        c.max_body_bytes = 16 * 1024;
+        c.max_evidence_bytes = 16 * 1024;
+    })
+    .await?;
+    let admin = pool.client("admin")?;
 
     // Garbage and truncated quote bytes.
     let ch = host.challenge().await;
@@ -333,40 +347,11 @@ fn roots(ca: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_whose_evidence_keeps_being_refused_is_throttled() -> anyhow::Result<()> {
-    test_support::require_tools()?;
-    let swtpm = SwTpm::start()?;
-    let swtpm2 = SwTpm::start()?;
-    let cas = [swtpm.local_ca_certs(), swtpm2.local_ca_certs()].concat();
-    let pool = Pool::start(
-        &[("node1", swtpm.tcti()), ("node2", swtpm2.tcti())],
-        30,
-        |c| {
-            c.ek_ca = cas.clone();
-            c.failure_burst = 3;
-            c.failure_refill_secs = 2;
-        },
-    )
+    let (pool, host, _swtpm, _swtpm2) = trusted_node1(|c| {
+        c.failure_burst = 3;
+        c.failure_refill_secs = 2;
+    })
     .await?;
-    for host in ["node1", "node2"] {
-        let mut config = pool.agent_config(host)?;
-        config.ak_type = AkType::Ecc;
-        let mut agent = host_agent::Agent::new(&config)?;
-        agent.enroll().await?;
-        agent.shutdown().await;
-    }
-    let mut config = pool.agent_config("node1")?;
-    config.ak_type = AkType::Ecc;
-    let host = Host {
-        api: pool.client("agent-node1")?,
-        tpm: Tpm::start(&swtpm.tcti(), AkType::Ecc, &config.state_dir)?,
-    };
-    let ch = host.challenge().await;
-    host.submit(&host.evidence(&ch, None).await).await?;
-    let admin = pool.client("admin")?;
-    let _: serde_json::Value = admin
-        .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
-        .await?;
-    host.genuine_round().await;
 
     // Evidence that is not genuine, `failure_burst` times in a row: each is
     // judged, refused and audited.
