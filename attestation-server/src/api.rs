@@ -177,7 +177,11 @@ async fn challenge(
     not_throttled(&st, &host).await?;
     let (record, _) = enrolled(st.store.host(&host).await?, &host)?;
     // Ask for the logs the host's policy judges, and the PCRs they extend.
-    let needs = verify::LogNeeds::of(&st.store.host_policy(&host).await?);
+    let needs = verify::LogNeeds::of(
+        &*st.store
+            .host_policy_at(&host, record.policy_generation)
+            .await?,
+    );
     let mut nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let now = Utc::now();
@@ -241,7 +245,10 @@ async fn evidence(
         Ok(Body(ev)) => {
             let nonce = ev.nonce.to_ascii_lowercase();
             let issued = st.store.take_challenge(&nonce, &host, now).await?;
-            let host_policy = st.store.host_policy(&host).await?;
+            let host_policy = st
+                .store
+                .host_policy_at(&host, record.policy_generation)
+                .await?;
             let expected = Expected {
                 host: &host,
                 ak: &ak,

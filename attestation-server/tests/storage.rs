@@ -336,6 +336,83 @@ async fn two_servers_one_database(url: &str) {
     assert_eq!(fresh, 1, "exactly one server consumed the nonce");
 }
 
+/// Two servers on one database: the policy one server caches is used only
+/// while no policy change was committed since, whichever server made it.
+async fn policy_cache_follows_changes(url: &str) {
+    let a = store::open(url).await.unwrap();
+    let b = store::open(url).await.unwrap();
+    let now = Utc::now()
+        .duration_trunc(Duration::microseconds(1))
+        .unwrap();
+    a.register_host("pc1", now).await.unwrap();
+    let own = store::own_whitelist("pc1");
+    let put = |pcr0: &str, version, expected_head| PolicyChange::PutWhitelist {
+        version: whitelist_version(&own, version, pcr0, false),
+        expected_head,
+    };
+    let pcr0 = |p: &attestation_server::verify::HostPolicy| {
+        p.whitelists[0].parts["platform"].pcrs[&HashAlg::Sha256][&0][0].clone()
+    };
+    let (first, second) = ("0a".repeat(32), "0b".repeat(32));
+    assert_eq!(
+        b.apply_policy_change(
+            &put(&first, 1, None),
+            &["pc1".into()],
+            &[],
+            &policy_event(90)
+        )
+        .await
+        .unwrap(),
+        ApplyOutcome::Applied
+    );
+    let g1 = a.host("pc1").await.unwrap().unwrap().policy_generation;
+    assert_eq!(pcr0(&a.host_policy_at("pc1", g1).await.unwrap()), first);
+
+    // Server B changes the whitelist: the generation moves on, and server
+    // A's next record read makes it load the new policy.
+    assert_eq!(
+        b.apply_policy_change(
+            &put(&second, 2, Some(1)),
+            &["pc1".into()],
+            &[],
+            &policy_event(91)
+        )
+        .await
+        .unwrap(),
+        ApplyOutcome::Applied
+    );
+    let g2 = a.host("pc1").await.unwrap().unwrap().policy_generation;
+    assert!(g2 > g1, "a policy change increments the generation");
+    assert_eq!(pcr0(&a.host_policy_at("pc1", g2).await.unwrap()), second);
+    // Within a generation the cache answers, not the database: a change
+    // made behind the store's back (no generation bump) is not seen.
+    let third = "0c".repeat(32);
+    let sql = format!("UPDATE whitelist_heads SET body = REPLACE(body, '{second}', '{third}') WHERE name = '{own}'");
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(&sql).execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(&sql).execute(&mut c).await.unwrap();
+    }
+    assert_eq!(pcr0(&a.host_policy("pc1").await.unwrap()), third);
+    assert_eq!(pcr0(&a.host_policy_at("pc1", g2).await.unwrap()), second);
+
+    // A refused change (stale head) commits nothing, the generation neither.
+    assert!(matches!(
+        b.apply_policy_change(
+            &put(&first, 2, Some(1)),
+            &["pc1".into()],
+            &[],
+            &policy_event(92)
+        )
+        .await
+        .unwrap(),
+        ApplyOutcome::Conflict { .. }
+    ));
+    assert_eq!(a.host("pc1").await.unwrap().unwrap().policy_generation, g2);
+}
+
 async fn suite(s: Arc<dyn Store>) {
     // Times are stored in microseconds.
     let now = Utc::now()
@@ -781,6 +858,7 @@ async fn storage_suite_on_sqlite() {
     suite(store::open(&url).await.unwrap()).await;
     policy_suite(store::open(&url).await.unwrap()).await;
     group_commit_suite(store::open(&url).await.unwrap()).await;
+    policy_cache_follows_changes(&url).await;
     // Migrations run once: reopening the same file works and keeps data.
     let again = store::open(&url).await.unwrap();
     assert!(again.host("n1").await.unwrap().is_some());
@@ -812,6 +890,7 @@ async fn storage_suite_on_postgres() {
         policy_suite(store::open(&url).await.unwrap()).await;
         group_commit_suite(store::open(&url).await.unwrap()).await;
         two_servers_one_database(&url).await;
+        policy_cache_follows_changes(&url).await;
         // Reopening (a second server starting) finds the schema migrated.
         let again = store::open(&url).await.unwrap();
         assert!(again.host("n1").await.unwrap().is_some());

@@ -54,6 +54,9 @@ pub struct HostRecord {
     /// Changes with every policy change that affects the host (see
     /// [`AttestationRecord::policy_epoch`]).
     pub policy_epoch: i64,
+    /// The pool-wide policy generation, read in the same statement as the
+    /// rest of the record (see [`PolicyCache`]).
+    pub policy_generation: i64,
     /// PCR values of the last evidence that passed the integrity steps.
     pub last_pcrs: Option<PcrValues>,
     pub verdict: Option<HostTrust>,
@@ -346,6 +349,14 @@ pub trait Store: Send + Sync + 'static {
     /// What judges one host: its group and the newest version of every
     /// whitelist that applies to it (the group's and the host's own).
     async fn host_policy(&self, host: &str) -> Result<crate::verify::HostPolicy, StoreError>;
+    /// [`Store::host_policy`] through this server's [`PolicyCache`]:
+    /// `generation` is [`HostRecord::policy_generation`] of a record read
+    /// before this call.
+    async fn host_policy_at(
+        &self,
+        host: &str,
+        generation: i64,
+    ) -> Result<Arc<crate::verify::HostPolicy>, StoreError>;
     /// Apply a policy change with its event and re-judged verdicts in one
     /// transaction, bumping the `policy_epoch` of every `affected` host.
     async fn apply_policy_change(
@@ -644,6 +655,59 @@ impl WhitelistCache {
     }
 }
 
+/// Most hosts' policies kept; a full cache starts over.
+const POLICY_CACHE_MAX: usize = 200_000;
+
+/// Each host's policy as this server last loaded it, under the pool-wide
+/// policy generation read (with the host's record) before loading it.
+///
+/// Every policy change increments the generation in its own transaction,
+/// so an entry of the current generation is exactly what the database
+/// would answer now, whichever server made the last change: the challenge
+/// and evidence paths skip two queries per request. The policy read after
+/// the generation can only be as new or newer, never older; an entry of an
+/// older generation is never used, and the first load under a newer one
+/// drops them all, so memory holds one generation's entries at most.
+#[derive(Default)]
+pub(crate) struct PolicyCache(std::sync::Mutex<PolicyEntries>);
+
+#[derive(Default)]
+struct PolicyEntries {
+    generation: i64,
+    by_host: HashMap<String, Arc<crate::verify::HostPolicy>>,
+}
+
+impl PolicyCache {
+    fn entries(&self) -> std::sync::MutexGuard<'_, PolicyEntries> {
+        // Lookups and inserts only: a panic cannot leave it half-changed.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    pub(crate) fn get(
+        &self,
+        host: &str,
+        generation: i64,
+    ) -> Option<Arc<crate::verify::HostPolicy>> {
+        let entries = self.entries();
+        if entries.generation != generation {
+            return None;
+        }
+        entries.by_host.get(host).cloned()
+    }
+    pub(crate) fn put(&self, host: &str, generation: i64, policy: Arc<crate::verify::HostPolicy>) {
+        let mut entries = self.entries();
+        if generation < entries.generation {
+            return; // loaded under a generation already superseded
+        }
+        if generation > entries.generation || entries.by_host.len() >= POLICY_CACHE_MAX {
+            entries.by_host.clear();
+            entries.generation = generation;
+        }
+        entries.by_host.insert(host.to_string(), policy);
+    }
+}
+
 /// Serializes this process's writes to SQLite, which admits one writer at
 /// a time: waiting here costs nothing, while SQLite's own busy handler
 /// sleeps in steps of milliseconds when two connections collide. PostgreSQL
@@ -685,7 +749,8 @@ macro_rules! sql_store {
                 let row = sqlx::query(
                     "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.group_name, h.last_pcrs, \
                      h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
-                     h.policy_epoch, h.ima_state, h.last_uefi_log, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy \
+                     h.policy_epoch, h.ima_state, h.last_uefi_log, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy, \
+                     (SELECT generation FROM policy_generation WHERE id = 1) AS policy_generation \
                      FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1",
                 )
                 .bind(host)
@@ -713,6 +778,7 @@ macro_rules! sql_store {
                     ak_name: row.try_get("ak_name")?,
                     group: row.try_get("group_name")?,
                     policy_epoch: row.try_get("policy_epoch")?,
+                    policy_generation: row.try_get("policy_generation")?,
                     last_pcrs: last_pcrs.map(|p| $crate::store::from_json(host, "PCR values", &p)).transpose()?,
                     verdict,
                     ek_name: row.try_get("ek_name")?,
@@ -1062,6 +1128,19 @@ macro_rules! sql_store {
                 })
             }
 
+            async fn host_policy_at(
+                &self,
+                host: &str,
+                generation: i64,
+            ) -> Result<std::sync::Arc<$crate::verify::HostPolicy>, $crate::store::StoreError> {
+                if let Some(p) = self.policies.get(host, generation) {
+                    return Ok(p);
+                }
+                let p = std::sync::Arc::new(self.host_policy(host).await?);
+                self.policies.put(host, generation, p.clone());
+                Ok(p)
+            }
+
             async fn apply_policy_change(
                 &self,
                 change: &$crate::store::PolicyChange,
@@ -1084,6 +1163,10 @@ macro_rules! sql_store {
                         .execute(&mut *tx)
                         .await?;
                 }
+                // Every server's cached policies are stale from this commit on.
+                sqlx::query("UPDATE policy_generation SET generation = generation + 1 WHERE id = 1")
+                    .execute(&mut *tx)
+                    .await?;
                 match change {
                     PolicyChange::PutWhitelist { version: v, expected_head } => {
                         if v.deleted {
@@ -1874,3 +1957,36 @@ macro_rules! sql_store {
     };
 }
 pub(crate) use sql_store;
+
+#[cfg(test)]
+mod tests {
+    use super::PolicyCache;
+    use crate::verify::HostPolicy;
+    use std::sync::Arc;
+
+    fn policy() -> Arc<HostPolicy> {
+        Arc::new(HostPolicy {
+            group: None,
+            whitelists: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn policy_cache_serves_only_the_current_generation() {
+        let cache = PolicyCache::default();
+        let p1 = policy();
+        cache.put("h1", 3, p1.clone());
+        assert!(Arc::ptr_eq(&cache.get("h1", 3).unwrap(), &p1));
+        assert!(cache.get("h1", 4).is_none(), "newer generation: a miss");
+        assert!(cache.get("h1", 2).is_none(), "older generation: a miss");
+        // A load under a newer generation drops the older entries ...
+        cache.put("h2", 4, policy());
+        assert!(cache.get("h1", 3).is_none());
+        assert!(cache.get("h2", 4).is_some());
+        // ... and one that finished after a newer generation was seen is
+        // not kept (it may predate the change).
+        cache.put("h1", 3, policy());
+        assert!(cache.get("h1", 3).is_none());
+        assert!(cache.get("h2", 4).is_some());
+    }
+}

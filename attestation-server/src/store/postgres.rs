@@ -10,6 +10,7 @@ pub struct PgStore {
     gate: std::sync::Arc<super::WriteGate>,
     writer: super::writer::Writer,
     whitelists: super::WhitelistCache,
+    policies: super::PolicyCache,
 }
 
 impl PgStore {
@@ -30,6 +31,7 @@ impl PgStore {
             gate,
             writer,
             whitelists: super::WhitelistCache::default(),
+            policies: super::PolicyCache::default(),
         })
     }
 }

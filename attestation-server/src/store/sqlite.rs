@@ -11,6 +11,7 @@ pub struct SqliteStore {
     gate: std::sync::Arc<super::WriteGate>,
     writer: super::writer::Writer,
     whitelists: super::WhitelistCache,
+    policies: super::PolicyCache,
 }
 
 impl SqliteStore {
@@ -23,8 +24,13 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        // No liveness ping when a connection is taken from the pool: an
+        // in-process SQLite connection cannot have gone away, and sqlx's
+        // ping is a round trip to the connection's worker thread (two
+        // context switches, on every read of the attestation path).
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
@@ -37,6 +43,7 @@ impl SqliteStore {
             gate,
             writer,
             whitelists: super::WhitelistCache::default(),
+            policies: super::PolicyCache::default(),
         })
     }
 }
