@@ -1849,7 +1849,7 @@ mod tests {
         let policy = policy_of(vec![(
             "platform",
             Part {
-                boot: Some(boot),
+                boot: Some(Box::new(boot)),
                 ..Part::default()
             },
         )]);

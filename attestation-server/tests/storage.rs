@@ -849,6 +849,64 @@ async fn group_commit_suite(s: Arc<dyn Store>) {
             (last.seq, &last.hash, last.chain_index)
         );
     }
+
+    // One host's verdicts and one nonce's takes arriving together (they
+    // share batches): every verdict is stored in turn, the nonce is taken
+    // fresh exactly once, and a take by the wrong host takes nothing.
+    let ch = NewChallenge {
+        nonce: "gc-same".into(),
+        host: "gc-1".into(),
+        selection: BTreeMap::new(),
+        issued_at: at,
+        expires_at: at + Duration::seconds(60),
+    };
+    s.insert_challenge(&ch).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16u64 {
+        let store = s.clone();
+        tasks.spawn(async move {
+            let v = HostTrust {
+                host: "gc-0".into(),
+                trust: Trust::Trusted,
+                verified_at: Some(at),
+                expires_at: Some(at + Duration::seconds(60)),
+                reasons: vec![],
+                policy: None,
+            };
+            let rec = AttestationRecord {
+                verdict: &v,
+                verified_pcrs: None,
+                clock: Some(ClockInfo {
+                    clock: 2000 + i,
+                    reset_count: 1,
+                    restart_count: 0,
+                    safe: true,
+                }),
+                events: &[],
+                policy_epoch: None,
+            };
+            let stored = store.record_attestation("gc-0", rec).await.unwrap();
+            let host = if i == 0 { "gc-2" } else { "gc-1" };
+            let taken = store
+                .take_challenge("gc-same", host, at)
+                .await
+                .unwrap()
+                .unwrap();
+            // The wrong host gets the row to compare against, never a take.
+            (stored, host == "gc-1" && !taken.used_before)
+        });
+    }
+    let mut fresh = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (stored, was_fresh) = joined.unwrap();
+        assert!(stored);
+        if was_fresh {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1, "one take of the nonce by its host is fresh");
+    let clock = s.host("gc-0").await.unwrap().unwrap().clock.unwrap().clock;
+    assert!((2000..2016).contains(&clock), "{clock}");
 }
 
 #[tokio::test]

@@ -44,7 +44,9 @@ pub struct Part {
     #[serde(default, deserialize_with = "unique_pcrs")]
     pub pcrs: PcrWhitelist,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot: Option<crate::bootpolicy::BootPolicy>,
+    /// Boxed: a boot policy is ~450 bytes inline, and every whitelist's
+    /// parts map allocates room for eleven parts at once.
+    pub boot: Option<Box<crate::bootpolicy::BootPolicy>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<crate::runtime_policy::RuntimePolicy>,
 }

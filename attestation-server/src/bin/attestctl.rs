@@ -5,6 +5,13 @@ use clap::Parser;
 use std::io::Write;
 use std::process::ExitCode;
 
+// mimalloc, not glibc's malloc: the attestation path allocates and frees
+// many short-lived buffers (TLS records, HTTP bodies, JSON) across threads,
+// and glibc's malloc was a sixth of the server's CPU at load
+// (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

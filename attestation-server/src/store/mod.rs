@@ -1660,63 +1660,92 @@ macro_rules! sql_store {
         }
 
         /// Append an event to the outbox and to its server's hash chain.
-        /// The first event of a server in a transaction reads its chain head
-        /// with an UPDATE, which takes the row lock, so concurrent appends
-        /// queue up instead of forking the chain; later ones link to the head
-        /// kept in `heads`, which [`save_heads`] writes back before commit.
         async fn append_event(
             tx: &mut sqlx::Transaction<'_, $db>,
             heads: &mut $crate::store::ChainHeads,
             event: &$crate::store::NewEvent,
         ) -> Result<(), sqlx::Error> {
+            append_events(tx, heads, &[event]).await
+        }
+
+        /// Append events, in order, to the outbox and to their servers' hash
+        /// chains, one INSERT per chunk. The first event of a server in a
+        /// transaction reads its chain head with an UPDATE, which takes the
+        /// row lock, so concurrent appends queue up instead of forking the
+        /// chain; later ones link to the head kept in `heads`, which
+        /// [`save_heads`] writes back before commit.
+        async fn append_events(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            heads: &mut $crate::store::ChainHeads,
+            events: &[&$crate::store::NewEvent],
+        ) -> Result<(), sqlx::Error> {
             use sqlx::Row;
-            let meta = $crate::audit::chain::EventMeta::of(&event.body);
-            let head = match heads.0.entry(meta.server.clone()) {
-                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
-                std::collections::hash_map::Entry::Vacant(first) => {
-                    sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
+            // (meta, chain index, previous hash, hash) of each event.
+            let mut links = Vec::with_capacity(events.len());
+            for event in events {
+                let meta = $crate::audit::chain::EventMeta::of(&event.body);
+                let head = match heads.0.entry(meta.server.clone()) {
+                    std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(first) => {
+                        sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
+                            .bind(&meta.server)
+                            .bind($crate::audit::chain::GENESIS)
+                            .execute(&mut **tx)
+                            .await?;
+                        let row = sqlx::query("UPDATE audit_chain_heads SET count = count WHERE server = $1 RETURNING seq, hash, count")
+                            .bind(&meta.server)
+                            .fetch_one(&mut **tx)
+                            .await?;
+                        first.insert($crate::store::ChainHead {
+                            server: meta.server.clone(),
+                            seq: row.try_get("seq")?,
+                            hash: row.try_get("hash")?,
+                            count: row.try_get("count")?,
+                        })
+                    }
+                };
+                let index = head.count + 1;
+                let hash = $crate::audit::chain::link(&head.hash, &meta.canonical);
+                let prev = std::mem::replace(&mut head.hash, hash.clone());
+                head.count = index;
+                links.push((meta, index, prev, hash));
+            }
+            let all: Vec<usize> = (0..events.len()).collect();
+            for chunk in all.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "INSERT INTO events (id, event_time, host, body, server, chain_index, prev_hash, hash, action, outcome, \
+                     initiator_id, initiator_name, target_id, target_name) VALUES {} RETURNING seq, server",
+                    $crate::store::writer::rows_sql(chunk.len(), 14)
+                );
+                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
+                for &i in chunk {
+                    let (event, (meta, index, prev, hash)) = (events[i], &links[i]);
+                    q = q
+                        .bind(&event.id)
+                        .bind($crate::store::micros(event.time))
+                        .bind(event.host.as_deref())
+                        .bind(&event.body)
                         .bind(&meta.server)
-                        .bind($crate::audit::chain::GENESIS)
-                        .execute(&mut **tx)
-                        .await?;
-                    let row = sqlx::query("UPDATE audit_chain_heads SET count = count WHERE server = $1 RETURNING seq, hash, count")
-                        .bind(&meta.server)
-                        .fetch_one(&mut **tx)
-                        .await?;
-                    first.insert($crate::store::ChainHead {
-                        server: meta.server.clone(),
-                        seq: row.try_get("seq")?,
-                        hash: row.try_get("hash")?,
-                        count: row.try_get("count")?,
-                    })
+                        .bind(*index)
+                        .bind(prev)
+                        .bind(hash)
+                        .bind(&meta.action)
+                        .bind(&meta.outcome)
+                        .bind(&meta.initiator_id)
+                        .bind(&meta.initiator_name)
+                        .bind(&meta.target_id)
+                        .bind(&meta.target_name);
                 }
-            };
-            let index = head.count + 1;
-            let hash = $crate::audit::chain::link(&head.hash, &meta.canonical);
-            let row = sqlx::query(
-                "INSERT INTO events (id, event_time, host, body, server, chain_index, prev_hash, hash, action, outcome, \
-                 initiator_id, initiator_name, target_id, target_name) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING seq",
-            )
-            .bind(&event.id)
-            .bind($crate::store::micros(event.time))
-            .bind(event.host.as_deref())
-            .bind(&event.body)
-            .bind(&meta.server)
-            .bind(index)
-            .bind(&head.hash)
-            .bind(&hash)
-            .bind(&meta.action)
-            .bind(&meta.outcome)
-            .bind(&meta.initiator_id)
-            .bind(&meta.initiator_name)
-            .bind(&meta.target_id)
-            .bind(&meta.target_name)
-            .fetch_one(&mut **tx)
-            .await?;
-            head.seq = row.try_get("seq")?;
-            head.hash = hash;
-            head.count = index;
+                // Sequence numbers grow with the rows of one INSERT: a head's
+                // seq is the largest its server's events got.
+                for row in q.fetch_all(&mut **tx).await? {
+                    let server: String = row.try_get("server")?;
+                    let seq: i64 = row.try_get("seq")?;
+                    if let Some(head) = heads.0.get_mut(&server) {
+                        head.seq = head.seq.max(seq);
+                    }
+                }
+            }
             Ok(())
         }
 
@@ -1776,114 +1805,247 @@ macro_rules! sql_store {
             }
         }
 
+        /// The challenges issued in `writes` (indices `issued`), one INSERT per chunk.
+        async fn issue_challenges(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            writes: &[$crate::store::writer::Write],
+            issued: &[usize],
+        ) -> Result<(), sqlx::Error> {
+            use $crate::store::writer::{rows_sql, Write, ROWS_PER_STATEMENT};
+            for chunk in issued.chunks(ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) VALUES {}",
+                    rows_sql(chunk.len(), 5)
+                );
+                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
+                for &i in chunk {
+                    if let Write::Challenge { nonce, host, selection, issued_at, expires_at } = &writes[i] {
+                        q = q.bind(nonce).bind(host).bind(selection).bind(issued_at).bind(expires_at);
+                    }
+                }
+                q.execute(&mut *conn).await?;
+            }
+
+            Ok(())
+        }
+
+        /// The challenges taken in `writes` (indices `takes`), answers in `done`.
+        async fn take_challenges(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            writes: &[$crate::store::writer::Write],
+            takes: &[usize],
+            done: &mut [$crate::store::writer::Written],
+        ) -> Result<(), sqlx::Error> {
+            use $crate::store::writer::{list_sql, rows_sql, ChallengeRow, Write, Written, ROWS_PER_STATEMENT};
+            use sqlx::Row;
+            use std::collections::HashMap;
+            // Challenges taken: one UPDATE marks the unused ones; the first
+            // take of each (nonce, host) in the batch gets what it returned,
+            // every other take reads the row as it is now (used, or another
+            // host's, or none).
+            let mut fresh: HashMap<(String, String), ChallengeRow> = HashMap::new();
+            for chunk in takes.chunks(ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "UPDATE challenges SET used_at = v.column3 FROM (VALUES {}) AS v \
+                     WHERE challenges.nonce = v.column1 AND challenges.host = v.column2 AND challenges.used_at IS NULL \
+                     RETURNING nonce, host, selection, expires_at",
+                    rows_sql(chunk.len(), 3)
+                );
+                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
+                for &i in chunk {
+                    if let Write::TakeChallenge { nonce, host, now } = &writes[i] {
+                        q = q.bind(nonce).bind(host).bind(now);
+                    }
+                }
+                for r in q.fetch_all(&mut *conn).await? {
+                    let key = (r.try_get::<String, _>("nonce")?, r.try_get::<String, _>("host")?);
+                    fresh.insert(key, ChallengeRow {
+                        host: r.try_get("host")?,
+                        selection: r.try_get("selection")?,
+                        expires_at: r.try_get("expires_at")?,
+                        used_before: false,
+                    });
+                }
+            }
+            let mut rest = Vec::new();
+            for &i in takes {
+                if let Write::TakeChallenge { nonce, host, .. } = &writes[i] {
+                    match fresh.remove(&(nonce.clone(), host.clone())) {
+                        Some(row) => done[i] = Written::Challenge(Some(row)),
+                        None => rest.push(i),
+                    }
+                }
+            }
+            for chunk in rest.chunks(ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT nonce, host, selection, expires_at, used_at FROM challenges WHERE nonce IN ({})",
+                    list_sql(chunk.len())
+                );
+                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
+                for &i in chunk {
+                    if let Write::TakeChallenge { nonce, .. } = &writes[i] {
+                        q = q.bind(nonce);
+                    }
+                }
+                let mut found = HashMap::new();
+                for r in q.fetch_all(&mut *conn).await? {
+                    found.insert(r.try_get::<String, _>("nonce")?, ChallengeRow {
+                        host: r.try_get("host")?,
+                        selection: r.try_get("selection")?,
+                        expires_at: r.try_get("expires_at")?,
+                        used_before: r.try_get::<Option<i64>, _>("used_at")?.is_some(),
+                    });
+                }
+                for &i in chunk {
+                    if let Write::TakeChallenge { nonce, .. } = &writes[i] {
+                        done[i] = Written::Challenge(found.get(nonce).cloned());
+                    }
+                }
+            }
+
+            Ok(())
+        }
+
         /// Apply `writes` in one transaction; the answers, in `writes`' order.
+        ///
+        /// One multi-row statement per kind of write (chunked at
+        /// [`ROWS_PER_STATEMENT`]), not one per write: every statement is a
+        /// round trip (to PostgreSQL, or to the thread sqlx runs a SQLite
+        /// connection on), and those round trips, not the SQL, were most of
+        /// the attestation path's cost (docs/benchmarks.md).
         async fn write_batch(
             pool: &sqlx::Pool<$db>,
             gate: &$crate::store::WriteGate,
             writes: &[$crate::store::writer::Write],
         ) -> Result<Vec<$crate::store::writer::Written>, sqlx::Error> {
-            use $crate::store::writer::{batch_order, ChallengeRow, Write, Written};
+            use $crate::store::writer::{
+                batch_order, distinct_rounds, rows_sql, Write, Written, ROWS_PER_STATEMENT,
+            };
             use sqlx::Row;
+            use std::collections::{HashMap, HashSet};
             let _gate = gate.lock().await;
-            let mut tx = pool.begin().await?;
-            let mut heads = $crate::store::ChainHeads::default();
             let mut done = vec![Written::Done; writes.len()];
-            let order = batch_order(writes);
-            // Host rows first, for every attestation of the batch: the lock
-            // order of policy changes (hosts, then verdicts, then the chain).
-            for &i in &order {
-                match &writes[i] {
-                    Write::Challenge { nonce, host, selection, issued_at, expires_at } => {
-                        sqlx::query("INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) VALUES ($1, $2, $3, $4, $5)")
-                            .bind(nonce)
-                            .bind(host)
-                            .bind(selection)
-                            .bind(issued_at)
-                            .bind(expires_at)
-                            .execute(&mut *tx)
-                            .await?;
+            // A challenge issued or taken alone is one atomic statement: no
+            // BEGIN and COMMIT around it (two round trips of three).
+            if let [only] = writes {
+                let one = [0];
+                match only {
+                    Write::Challenge { .. } => {
+                        issue_challenges(&mut *pool.acquire().await?, writes, &one).await?;
+                        return Ok(done);
                     }
-                    Write::TakeChallenge { nonce, host, now } => {
-                        let taken = sqlx::query(
-                            "UPDATE challenges SET used_at = $1 WHERE nonce = $2 AND host = $3 AND used_at IS NULL \
-                             RETURNING host, selection, expires_at, CAST(NULL AS BIGINT) AS used_at",
-                        )
-                        .bind(now)
-                        .bind(nonce)
-                        .bind(host)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        let row = match taken {
-                            Some(r) => Some(r),
-                            None => {
-                                sqlx::query("SELECT host, selection, expires_at, used_at FROM challenges WHERE nonce = $1")
-                                    .bind(nonce)
-                                    .fetch_optional(&mut *tx)
-                                    .await?
-                            }
-                        };
-                        done[i] = Written::Challenge(match row {
-                            None => None,
-                            Some(r) => Some(ChallengeRow {
-                                host: r.try_get("host")?,
-                                selection: r.try_get("selection")?,
-                                expires_at: r.try_get("expires_at")?,
-                                used_before: r.try_get::<Option<i64>, _>("used_at")?.is_some(),
-                            }),
-                        });
+                    Write::TakeChallenge { .. } => {
+                        take_challenges(&mut *pool.acquire().await?, writes, &one, &mut done).await?;
+                        return Ok(done);
                     }
-                    Write::Attestation(a) => {
-                        let mut same_policy = true;
-                        if a.touches_host() {
-                            // One statement: the policy-epoch check (which
-                            // locks the row) and every host column that changes.
-                            let updated = sqlx::query(
-                                "UPDATE hosts SET last_pcrs = COALESCE($1, last_pcrs), clock = COALESCE($2, clock), \
-                                 reset_count = COALESCE($3, reset_count), restart_count = COALESCE($4, restart_count), \
-                                 ima_state = COALESCE($5, ima_state), last_uefi_log = COALESCE($6, last_uefi_log) \
-                                 WHERE name = $7 AND ($8 IS NULL OR policy_epoch = $8)",
-                            )
-                            .bind(a.last_pcrs.as_deref())
-                            .bind(a.clock.map(|c| c.0))
-                            .bind(a.clock.map(|c| c.1))
-                            .bind(a.clock.map(|c| c.2))
-                            .bind(a.ima_state.as_deref())
-                            .bind(a.uefi_log.as_deref())
-                            .bind(&a.host)
-                            .bind(a.epoch)
-                            .execute(&mut *tx)
-                            .await?;
-                            same_policy = a.epoch.is_none() || updated.rows_affected() == 1;
-                        }
-                        done[i] = Written::Recorded(same_policy);
-                    }
-                    Write::Event(_) => {}
-                }
-            }
-            for &i in &order {
-                match &writes[i] {
-                    Write::Attestation(a) if done[i] == Written::Recorded(true) => {
-                        sqlx::query(
-                            "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) VALUES ($1, $2, $3, $4, $5, $6) \
-                             ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
-                             expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy",
-                        )
-                        .bind(&a.host)
-                        .bind(a.trust)
-                        .bind(a.verified_at)
-                        .bind(a.expires_at)
-                        .bind(&a.reasons)
-                        .bind(a.policy.as_deref())
-                        .execute(&mut *tx)
-                        .await?;
-                        for event in &a.events {
-                            append_event(&mut tx, &mut heads, event).await?;
-                        }
-                    }
-                    Write::Event(event) => append_event(&mut tx, &mut heads, event).await?,
                     _ => {}
                 }
             }
+            let mut tx = pool.begin().await?;
+            let mut heads = $crate::store::ChainHeads::default();
+            // Locks are taken in one order (challenges by nonce, host rows by
+            // name, then verdicts and the chain head): see `batch_order`.
+            let order = batch_order(writes);
+
+            let issued: Vec<usize> = order.iter().copied().filter(|&i| matches!(writes[i], Write::Challenge { .. })).collect();
+            let takes: Vec<usize> = order.iter().copied().filter(|&i| matches!(writes[i], Write::TakeChallenge { .. })).collect();
+            issue_challenges(&mut tx, writes, &issued).await?;
+            take_challenges(&mut tx, writes, &takes, &mut done).await?;
+
+            // Host rows: one UPDATE per round of distinct hosts checks each
+            // verdict's policy epoch (which locks the row) and sets every
+            // column that changes; a host twice in the batch is updated in
+            // a second round, in arrival order.
+            let mut touching = Vec::new();
+            for &i in &order {
+                if let Write::Attestation(a) = &writes[i] {
+                    if a.touches_host() {
+                        touching.push(i);
+                    } else {
+                        done[i] = Written::Recorded(true);
+                    }
+                }
+            }
+            let host_of = |i: usize| match &writes[i] {
+                Write::Attestation(a) => a.host.as_str(),
+                _ => "",
+            };
+            for round in distinct_rounds(&touching, host_of) {
+                for chunk in round.chunks(ROWS_PER_STATEMENT) {
+                    let sql = format!(
+                        "UPDATE hosts SET last_pcrs = COALESCE(v.column1, last_pcrs), clock = COALESCE(v.column2, clock), \
+                         reset_count = COALESCE(v.column3, reset_count), restart_count = COALESCE(v.column4, restart_count), \
+                         ima_state = COALESCE(v.column5, ima_state), last_uefi_log = COALESCE(v.column6, last_uefi_log) \
+                         FROM (VALUES {}) AS v WHERE hosts.name = v.column7 AND (v.column8 IS NULL OR hosts.policy_epoch = v.column8) \
+                         RETURNING name",
+                        rows_sql(chunk.len(), 8)
+                    );
+                    let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
+                    for &i in chunk {
+                        if let Write::Attestation(a) = &writes[i] {
+                            q = q
+                                .bind(a.last_pcrs.as_deref())
+                                .bind(a.clock.map(|c| c.0))
+                                .bind(a.clock.map(|c| c.1))
+                                .bind(a.clock.map(|c| c.2))
+                                .bind(a.ima_state.as_deref())
+                                .bind(a.uefi_log.as_deref())
+                                .bind(&a.host)
+                                .bind(a.epoch);
+                        }
+                    }
+                    let updated: HashSet<String> = q
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|r| r.try_get::<String, _>("name"))
+                        .collect::<Result<_, _>>()?;
+                    for &i in chunk {
+                        if let Write::Attestation(a) = &writes[i] {
+                            done[i] = Written::Recorded(a.epoch.is_none() || updated.contains(&a.host));
+                        }
+                    }
+                }
+            }
+
+            // Verdicts: the last recorded one of each host, one upsert; then
+            // the events, in batch order, one INSERT per chunk.
+            let mut last_verdict: HashMap<&str, usize> = HashMap::new();
+            let mut events = Vec::new();
+            for &i in &order {
+                match &writes[i] {
+                    Write::Attestation(a) if done[i] == Written::Recorded(true) => {
+                        last_verdict.insert(a.host.as_str(), i);
+                        events.extend(a.events.iter());
+                    }
+                    Write::Event(event) => events.push(event),
+                    _ => {}
+                }
+            }
+            let mut verdicts: Vec<usize> = last_verdict.into_values().collect();
+            verdicts.sort_by(|&x, &y| host_of(x).cmp(host_of(y)));
+            for chunk in verdicts.chunks(ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) VALUES {} \
+                     ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
+                     expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy",
+                    rows_sql(chunk.len(), 6)
+                );
+                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
+                for &i in chunk {
+                    if let Write::Attestation(a) = &writes[i] {
+                        q = q
+                            .bind(&a.host)
+                            .bind(a.trust)
+                            .bind(a.verified_at)
+                            .bind(a.expires_at)
+                            .bind(&a.reasons)
+                            .bind(a.policy.as_deref());
+                    }
+                }
+                q.execute(&mut *tx).await?;
+            }
+            append_events(&mut tx, &mut heads, &events).await?;
             save_heads(&mut tx, &heads).await?;
             tx.commit().await?;
             Ok(done)

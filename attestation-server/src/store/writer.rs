@@ -24,6 +24,60 @@ use tokio::sync::{mpsc, oneshot};
 /// commit, small enough that a batch's locks are held briefly.
 pub(crate) const MAX_BATCH: usize = 256;
 
+/// Most rows one multi-row statement of a batch carries (at 14 columns,
+/// 896 parameters: far below SQLite's and PostgreSQL's limits). Only the
+/// one-row forms are kept prepared: a connection caching a statement for
+/// every row count would hold megabytes of them.
+pub(crate) const ROWS_PER_STATEMENT: usize = 64;
+
+/// `($1, $2), ($3, $4)` for `rows` rows of `cols` parameters each.
+pub(crate) fn rows_sql(rows: usize, cols: usize) -> String {
+    let mut sql = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", r * cols + c + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// `$1, $2, $3` for `n` parameters.
+pub(crate) fn list_sql(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `items` split into rounds in which no key appears twice, keeping the
+/// order of items within a key: a multi-row UPDATE applies one row per
+/// target, so a host attesting twice in one batch is updated twice, in
+/// arrival order.
+pub(crate) fn distinct_rounds<'a>(
+    items: &[usize],
+    key: impl Fn(usize) -> &'a str,
+) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for &i in items {
+        let n = seen.entry(key(i)).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(i);
+        *n += 1;
+    }
+    rounds
+}
+
 /// Queued writes before callers wait to queue theirs (back-pressure).
 const QUEUE: usize = 4096;
 
@@ -260,6 +314,19 @@ mod tests {
             })
         };
         assert_eq!(batch_order(&[event("b"), event("a")]), vec![0, 1]);
+    }
+
+    #[test]
+    fn multi_row_placeholders_and_rounds() {
+        assert_eq!(rows_sql(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(rows_sql(1, 1), "($1)");
+        assert_eq!(list_sql(3), "$1, $2, $3");
+        let hosts = ["a", "b", "a", "c", "a"];
+        assert_eq!(
+            distinct_rounds(&[0, 1, 2, 3, 4], |i| hosts[i]),
+            vec![vec![0, 1, 3], vec![2], vec![4]]
+        );
+        assert!(distinct_rounds(&[], |i| hosts[i]).is_empty());
     }
 
     #[test]
