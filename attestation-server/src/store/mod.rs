@@ -655,8 +655,10 @@ impl WhitelistCache {
     }
 }
 
-/// Most hosts' policies kept; a full cache starts over.
-const POLICY_CACHE_MAX: usize = 200_000;
+/// Most hosts' policies kept (a host with its own 11-PCR whitelist takes
+/// ~3.5 KB: ~90 MB at most). A full cache drops an eighth of its entries,
+/// arbitrary ones; a larger fleet pays a query for some of its hosts.
+pub(crate) const POLICY_CACHE_MAX: usize = 25_000;
 
 /// Each host's policy as this server last loaded it, under the pool-wide
 /// policy generation read (with the host's record) before loading it.
@@ -700,9 +702,15 @@ impl PolicyCache {
         if generation < entries.generation {
             return; // loaded under a generation already superseded
         }
-        if generation > entries.generation || entries.by_host.len() >= POLICY_CACHE_MAX {
+        if generation > entries.generation {
             entries.by_host.clear();
             entries.generation = generation;
+        } else if entries.by_host.len() >= POLICY_CACHE_MAX {
+            let mut n = 0u32;
+            entries.by_host.retain(|_, _| {
+                n += 1;
+                n % 8 != 0
+            });
         }
         entries.by_host.insert(host.to_string(), policy);
     }
@@ -720,6 +728,11 @@ impl WriteGate {
     }
     pub(crate) fn none() -> Self {
         WriteGate(None)
+    }
+    /// True when this process's writes take turns here (SQLite, whose
+    /// writers lock the whole database): no row-lock order to keep.
+    pub(crate) fn serializes(&self) -> bool {
+        self.0.is_some()
     }
     pub(crate) async fn lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match &self.0 {
@@ -1805,6 +1818,37 @@ macro_rules! sql_store {
             }
         }
 
+        /// Lock the rows of `table` whose `column` is one of `keys`, in key
+        /// order (PostgreSQL): a multi-row UPDATE locks rows in whatever
+        /// order its plan visits them, and two transactions that lock the
+        /// same rows in different orders can deadlock. Every batch and every
+        /// policy change lock rows sorted, so none waits on another in a cycle.
+        async fn lock_rows<'k>(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            table: &str,
+            column: &str,
+            keys: impl Iterator<Item = &'k str>,
+        ) -> Result<(), sqlx::Error> {
+            let mut keys: Vec<&str> = keys.collect();
+            keys.sort_unstable();
+            keys.dedup();
+            if keys.len() < 2 {
+                return Ok(()); // one row: its UPDATE locks it
+            }
+            for chunk in keys.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT {column} FROM {table} WHERE {column} IN ({}) ORDER BY {column} FOR UPDATE",
+                    $crate::store::writer::list_sql(chunk.len())
+                );
+                let mut q = sqlx::query(&sql).persistent(false);
+                for key in chunk {
+                    q = q.bind(*key);
+                }
+                q.execute(&mut *conn).await?;
+            }
+            Ok(())
+        }
+
         /// The challenges issued in `writes` (indices `issued`), one INSERT per chunk.
         async fn issue_challenges(
             conn: &mut <$db as sqlx::Database>::Connection,
@@ -1950,6 +1994,13 @@ macro_rules! sql_store {
             let issued: Vec<usize> = order.iter().copied().filter(|&i| matches!(writes[i], Write::Challenge { .. })).collect();
             let takes: Vec<usize> = order.iter().copied().filter(|&i| matches!(writes[i], Write::TakeChallenge { .. })).collect();
             issue_challenges(&mut tx, writes, &issued).await?;
+            let nonce_of = |i: usize| match &writes[i] {
+                Write::TakeChallenge { nonce, .. } => nonce.as_str(),
+                _ => "",
+            };
+            if !gate.serializes() {
+                lock_rows(&mut tx, "challenges", "nonce", takes.iter().map(|&i| nonce_of(i))).await?;
+            }
             take_challenges(&mut tx, writes, &takes, &mut done).await?;
 
             // Host rows: one UPDATE per round of distinct hosts checks each
@@ -1970,6 +2021,9 @@ macro_rules! sql_store {
                 Write::Attestation(a) => a.host.as_str(),
                 _ => "",
             };
+            if !gate.serializes() {
+                lock_rows(&mut tx, "hosts", "name", touching.iter().map(|&i| host_of(i))).await?;
+            }
             for round in distinct_rounds(&touching, host_of) {
                 for chunk in round.chunks(ROWS_PER_STATEMENT) {
                     let sql = format!(
@@ -2150,5 +2204,17 @@ mod tests {
         cache.put("h1", 3, policy());
         assert!(cache.get("h1", 3).is_none());
         assert!(cache.get("h2", 4).is_some());
+        // Memory is bounded: a full cache makes room by dropping an eighth.
+        for i in 0..super::POLICY_CACHE_MAX + 1 {
+            cache.put(&format!("n{i}"), 4, policy());
+        }
+        let kept = (0..=super::POLICY_CACHE_MAX)
+            .filter(|i| cache.get(&format!("n{i}"), 4).is_some())
+            .count();
+        assert!(kept <= super::POLICY_CACHE_MAX, "{kept}");
+        assert!(kept > super::POLICY_CACHE_MAX * 3 / 4, "{kept}");
+        assert!(cache
+            .get(&format!("n{}", super::POLICY_CACHE_MAX), 4)
+            .is_some());
     }
 }

@@ -167,8 +167,9 @@ impl Write {
 
     /// Where the write goes in its batch. Every batch takes its row locks
     /// in one order (challenges by nonce, then host rows by name, as policy
-    /// changes do, then verdicts and the chain head), so two batches, or a
-    /// batch and a policy change, on PostgreSQL cannot deadlock. Events
+    /// changes do, then verdicts and the chain head; on PostgreSQL the rows
+    /// of a multi-row UPDATE are locked first, sorted, by `lock_rows`), so
+    /// two batches, or a batch and a policy change, cannot deadlock. Events
     /// lock nothing but the chain head: they keep their arrival order.
     fn order(&self) -> (u8, &str) {
         match self {
