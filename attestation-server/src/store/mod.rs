@@ -709,7 +709,7 @@ impl PolicyCache {
             let mut n = 0u32;
             entries.by_host.retain(|_, _| {
                 n += 1;
-                n % 8 != 0
+                !n.is_multiple_of(8)
             });
         }
         entries.by_host.insert(host.to_string(), policy);
