@@ -353,32 +353,24 @@ async fn policy_cache_follows_changes(url: &str) {
     let pcr0 = |p: &attestation_server::verify::HostPolicy| {
         p.whitelists[0].parts["platform"].pcrs[&HashAlg::Sha256][&0][0].clone()
     };
+    // A change of pc1's own whitelist made through server B.
+    let apply = |change: PolicyChange, n: u32| {
+        let b = b.clone();
+        async move {
+            b.apply_policy_change(&change, &["pc1".into()], &[], &policy_event(n))
+                .await
+                .unwrap()
+        }
+    };
     let (first, second) = ("0a".repeat(32), "0b".repeat(32));
-    assert_eq!(
-        b.apply_policy_change(
-            &put(&first, 1, None),
-            &["pc1".into()],
-            &[],
-            &policy_event(90)
-        )
-        .await
-        .unwrap(),
-        ApplyOutcome::Applied
-    );
+    assert_eq!(apply(put(&first, 1, None), 90).await, ApplyOutcome::Applied);
     let g1 = a.host("pc1").await.unwrap().unwrap().policy_generation;
     assert_eq!(pcr0(&a.host_policy_at("pc1", g1).await.unwrap()), first);
 
     // Server B changes the whitelist: the generation moves on, and server
     // A's next record read makes it load the new policy.
     assert_eq!(
-        b.apply_policy_change(
-            &put(&second, 2, Some(1)),
-            &["pc1".into()],
-            &[],
-            &policy_event(91)
-        )
-        .await
-        .unwrap(),
+        apply(put(&second, 2, Some(1)), 91).await,
         ApplyOutcome::Applied
     );
     let g2 = a.host("pc1").await.unwrap().unwrap().policy_generation;
@@ -400,14 +392,7 @@ async fn policy_cache_follows_changes(url: &str) {
 
     // A refused change (stale head) commits nothing, the generation neither.
     assert!(matches!(
-        b.apply_policy_change(
-            &put(&first, 2, Some(1)),
-            &["pc1".into()],
-            &[],
-            &policy_event(92)
-        )
-        .await
-        .unwrap(),
+        apply(put(&first, 2, Some(1)), 92).await,
         ApplyOutcome::Conflict { .. }
     ));
     assert_eq!(a.host("pc1").await.unwrap().unwrap().policy_generation, g2);
