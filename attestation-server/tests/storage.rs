@@ -724,6 +724,28 @@ async fn suite(s: Arc<dyn Store>) {
 /// against a superseded policy is not stored, nor its event; every verdict
 /// and event that was acknowledged is stored, and each server's hash chain
 /// is unbroken across the batches.
+/// A trusted verdict on `host` at `at`, valid for a minute.
+fn trusted_at(host: &str, at: chrono::DateTime<Utc>) -> HostTrust {
+    HostTrust {
+        host: host.into(),
+        trust: Trust::Trusted,
+        verified_at: Some(at),
+        expires_at: Some(at + Duration::seconds(60)),
+        reasons: vec![],
+        policy: None,
+    }
+}
+
+/// A TPM clock reading of the first boot.
+fn clock_at(clock: u64) -> ClockInfo {
+    ClockInfo {
+        clock,
+        reset_count: 1,
+        restart_count: 0,
+        safe: true,
+    }
+}
+
 async fn group_commit_suite(s: Arc<dyn Store>) {
     use attestation_server::audit::chain;
     let at = Utc::now()
@@ -750,23 +772,11 @@ async fn group_commit_suite(s: Arc<dyn Store>) {
         // Two servers' chains interleave in the same batches.
         let events = vec![cadf(if i % 2 == 0 { "gc-a" } else { "gc-b" }, i + 1)];
         tasks.spawn(async move {
-            let v = HostTrust {
-                host: host.clone(),
-                trust: Trust::Trusted,
-                verified_at: Some(at),
-                expires_at: Some(at + Duration::seconds(60)),
-                reasons: vec![],
-                policy: None,
-            };
+            let v = trusted_at(&host, at);
             let rec = AttestationRecord {
                 verdict: &v,
                 verified_pcrs: Some(&pcrs(&"aa".repeat(32))),
-                clock: Some(ClockInfo {
-                    clock: 1000 + i as u64,
-                    reset_count: 1,
-                    restart_count: 0,
-                    safe: true,
-                }),
+                clock: Some(clock_at(1000 + i as u64)),
                 events: &events,
                 // One verdict was judged against a policy that changed since.
                 policy_epoch: Some(if i == 7 { epoch + 100 } else { epoch }),
@@ -850,23 +860,11 @@ async fn group_commit_suite(s: Arc<dyn Store>) {
     for i in 0..16u64 {
         let store = s.clone();
         tasks.spawn(async move {
-            let v = HostTrust {
-                host: "gc-0".into(),
-                trust: Trust::Trusted,
-                verified_at: Some(at),
-                expires_at: Some(at + Duration::seconds(60)),
-                reasons: vec![],
-                policy: None,
-            };
+            let v = trusted_at("gc-0", at);
             let rec = AttestationRecord {
                 verdict: &v,
                 verified_pcrs: None,
-                clock: Some(ClockInfo {
-                    clock: 2000 + i,
-                    reset_count: 1,
-                    restart_count: 0,
-                    safe: true,
-                }),
+                clock: Some(clock_at(2000 + i)),
                 events: &[],
                 policy_epoch: None,
             };
