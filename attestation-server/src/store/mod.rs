@@ -1668,17 +1668,8 @@ macro_rules! sql_store {
         /// the caller's transaction.
         async fn insert_event(tx: &mut sqlx::Transaction<'_, $db>, event: &$crate::store::NewEvent) -> Result<(), sqlx::Error> {
             let mut heads = $crate::store::ChainHeads::default();
-            append_event(tx, &mut heads, event).await?;
+            append_events(tx, &mut heads, &[event]).await?;
             save_heads(tx, &heads).await
-        }
-
-        /// Append an event to the outbox and to its server's hash chain.
-        async fn append_event(
-            tx: &mut sqlx::Transaction<'_, $db>,
-            heads: &mut $crate::store::ChainHeads,
-            event: &$crate::store::NewEvent,
-        ) -> Result<(), sqlx::Error> {
-            append_events(tx, heads, &[event]).await
         }
 
         /// Append events, in order, to the outbox and to their servers' hash
@@ -1723,35 +1714,32 @@ macro_rules! sql_store {
                 head.count = index;
                 links.push((meta, index, prev, hash));
             }
-            let all: Vec<usize> = (0..events.len()).collect();
-            for chunk in all.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
-                let sql = format!(
+            let rows: Vec<_> = events.iter().zip(&links).collect();
+            for chunk in rows.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO events (id, event_time, host, body, server, chain_index, prev_hash, hash, action, outcome, \
-                     initiator_id, initiator_name, target_id, target_name) VALUES {} RETURNING seq, server",
-                    $crate::store::writer::rows_sql(chunk.len(), 14)
+                     initiator_id, initiator_name, target_id, target_name) ",
                 );
-                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
-                for &i in chunk {
-                    let (event, (meta, index, prev, hash)) = (events[i], &links[i]);
-                    q = q
-                        .bind(&event.id)
-                        .bind($crate::store::micros(event.time))
-                        .bind(event.host.as_deref())
-                        .bind(&event.body)
-                        .bind(&meta.server)
-                        .bind(*index)
-                        .bind(prev)
-                        .bind(hash)
-                        .bind(&meta.action)
-                        .bind(&meta.outcome)
-                        .bind(&meta.initiator_id)
-                        .bind(&meta.initiator_name)
-                        .bind(&meta.target_id)
-                        .bind(&meta.target_name);
-                }
+                qb.push_values(chunk, |mut row, (event, (meta, index, prev, hash))| {
+                    row.push_bind(event.id.as_str())
+                        .push_bind($crate::store::micros(event.time))
+                        .push_bind(event.host.as_deref())
+                        .push_bind(event.body.as_str())
+                        .push_bind(meta.server.as_str())
+                        .push_bind(*index)
+                        .push_bind(prev.as_str())
+                        .push_bind(hash.as_str())
+                        .push_bind(meta.action.as_str())
+                        .push_bind(meta.outcome.as_str())
+                        .push_bind(meta.initiator_id.as_str())
+                        .push_bind(meta.initiator_name.as_str())
+                        .push_bind(meta.target_id.as_str())
+                        .push_bind(meta.target_name.as_str());
+                });
+                qb.push(" RETURNING seq, server");
                 // Sequence numbers grow with the rows of one INSERT: a head's
                 // seq is the largest its server's events got.
-                for row in q.fetch_all(&mut **tx).await? {
+                for row in qb.build().persistent(chunk.len() == 1).fetch_all(&mut **tx).await? {
                     let server: String = row.try_get("server")?;
                     let seq: i64 = row.try_get("seq")?;
                     if let Some(head) = heads.0.get_mut(&server) {
@@ -1762,7 +1750,7 @@ macro_rules! sql_store {
             Ok(())
         }
 
-        /// Write back the chain heads that [`append_event`] advanced.
+        /// Write back the chain heads that [`append_events`] advanced.
         async fn save_heads(tx: &mut sqlx::Transaction<'_, $db>, heads: &$crate::store::ChainHeads) -> Result<(), sqlx::Error> {
             for head in heads.0.values() {
                 sqlx::query("UPDATE audit_chain_heads SET seq = $1, hash = $2, count = $3 WHERE server = $4")
@@ -1836,15 +1824,13 @@ macro_rules! sql_store {
                 return Ok(()); // one row: its UPDATE locks it
             }
             for chunk in keys.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
-                let sql = format!(
-                    "SELECT {column} FROM {table} WHERE {column} IN ({}) ORDER BY {column} FOR UPDATE",
-                    $crate::store::writer::list_sql(chunk.len())
-                );
-                let mut q = sqlx::query(&sql).persistent(false);
+                let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT {column} FROM {table} WHERE {column} IN ("));
+                let mut list = qb.separated(", ");
                 for key in chunk {
-                    q = q.bind(*key);
+                    list.push_bind(*key);
                 }
-                q.execute(&mut *conn).await?;
+                qb.push(format!(") ORDER BY {column} FOR UPDATE"));
+                qb.build().persistent(false).execute(&mut *conn).await?;
             }
             Ok(())
         }
@@ -1855,98 +1841,97 @@ macro_rules! sql_store {
             writes: &[$crate::store::writer::Write],
             issued: &[usize],
         ) -> Result<(), sqlx::Error> {
-            use $crate::store::writer::{rows_sql, Write, ROWS_PER_STATEMENT};
-            for chunk in issued.chunks(ROWS_PER_STATEMENT) {
-                let sql = format!(
-                    "INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) VALUES {}",
-                    rows_sql(chunk.len(), 5)
-                );
-                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
-                for &i in chunk {
-                    if let Write::Challenge { nonce, host, selection, issued_at, expires_at } = &writes[i] {
-                        q = q.bind(nonce).bind(host).bind(selection).bind(issued_at).bind(expires_at);
+            use $crate::store::writer::{Write, ROWS_PER_STATEMENT};
+            let rows: Vec<_> = issued
+                .iter()
+                .filter_map(|&i| match &writes[i] {
+                    Write::Challenge { nonce, host, selection, issued_at, expires_at } => {
+                        Some((nonce.as_str(), host.as_str(), selection.as_str(), *issued_at, *expires_at))
                     }
-                }
-                q.execute(&mut *conn).await?;
+                    _ => None,
+                })
+                .collect();
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) ");
+                qb.push_values(chunk, |mut row, &(nonce, host, selection, issued_at, expires_at)| {
+                    row.push_bind(nonce).push_bind(host).push_bind(selection).push_bind(issued_at).push_bind(expires_at);
+                });
+                qb.build().persistent(chunk.len() == 1).execute(&mut *conn).await?;
             }
-
             Ok(())
         }
 
+        /// A `challenges` row (host, selection, expires_at, used_at).
+        fn challenge_row(r: &<$db as sqlx::Database>::Row) -> Result<$crate::store::writer::ChallengeRow, sqlx::Error> {
+            use sqlx::Row;
+            Ok($crate::store::writer::ChallengeRow {
+                host: r.try_get("host")?,
+                selection: r.try_get("selection")?,
+                expires_at: r.try_get("expires_at")?,
+                used_before: r.try_get::<Option<i64>, _>("used_at")?.is_some(),
+            })
+        }
+
         /// The challenges taken in `writes` (indices `takes`), answers in `done`.
+        ///
+        /// One UPDATE marks the unused ones; the first take of each (nonce,
+        /// host) in the batch gets what it returned, every other take reads
+        /// the row as it is now (used, or another host's, or none).
         async fn take_challenges(
             conn: &mut <$db as sqlx::Database>::Connection,
             writes: &[$crate::store::writer::Write],
             takes: &[usize],
             done: &mut [$crate::store::writer::Written],
         ) -> Result<(), sqlx::Error> {
-            use $crate::store::writer::{list_sql, rows_sql, ChallengeRow, Write, Written, ROWS_PER_STATEMENT};
+            use $crate::store::writer::{Write, Written, ROWS_PER_STATEMENT};
             use sqlx::Row;
             use std::collections::HashMap;
-            // Challenges taken: one UPDATE marks the unused ones; the first
-            // take of each (nonce, host) in the batch gets what it returned,
-            // every other take reads the row as it is now (used, or another
-            // host's, or none).
-            let mut fresh: HashMap<(String, String), ChallengeRow> = HashMap::new();
-            for chunk in takes.chunks(ROWS_PER_STATEMENT) {
-                let sql = format!(
-                    "UPDATE challenges SET used_at = v.column3 FROM (VALUES {}) AS v \
-                     WHERE challenges.nonce = v.column1 AND challenges.host = v.column2 AND challenges.used_at IS NULL \
-                     RETURNING nonce, host, selection, expires_at",
-                    rows_sql(chunk.len(), 3)
+            let rows: Vec<_> = takes
+                .iter()
+                .filter_map(|&i| match &writes[i] {
+                    Write::TakeChallenge { nonce, host, now } => Some((i, nonce.as_str(), host.as_str(), *now)),
+                    _ => None,
+                })
+                .collect();
+            let mut fresh = HashMap::new();
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE challenges SET used_at = v.column3 FROM (");
+                qb.push_values(chunk, |mut row, &(_, nonce, host, now)| {
+                    row.push_bind(nonce).push_bind(host).push_bind(now);
+                });
+                qb.push(
+                    ") AS v WHERE challenges.nonce = v.column1 AND challenges.host = v.column2 AND challenges.used_at IS NULL \
+                     RETURNING nonce, host, selection, expires_at, CAST(NULL AS BIGINT) AS used_at",
                 );
-                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
-                for &i in chunk {
-                    if let Write::TakeChallenge { nonce, host, now } = &writes[i] {
-                        q = q.bind(nonce).bind(host).bind(now);
-                    }
-                }
-                for r in q.fetch_all(&mut *conn).await? {
+                for r in qb.build().persistent(chunk.len() == 1).fetch_all(&mut *conn).await? {
                     let key = (r.try_get::<String, _>("nonce")?, r.try_get::<String, _>("host")?);
-                    fresh.insert(key, ChallengeRow {
-                        host: r.try_get("host")?,
-                        selection: r.try_get("selection")?,
-                        expires_at: r.try_get("expires_at")?,
-                        used_before: false,
-                    });
+                    fresh.insert(key, challenge_row(&r)?);
                 }
             }
             let mut rest = Vec::new();
-            for &i in takes {
-                if let Write::TakeChallenge { nonce, host, .. } = &writes[i] {
-                    match fresh.remove(&(nonce.clone(), host.clone())) {
-                        Some(row) => done[i] = Written::Challenge(Some(row)),
-                        None => rest.push(i),
-                    }
+            for &(i, nonce, host, _) in &rows {
+                match fresh.remove(&(nonce.to_string(), host.to_string())) {
+                    Some(row) => done[i] = Written::Challenge(Some(row)),
+                    None => rest.push((i, nonce)),
                 }
             }
             for chunk in rest.chunks(ROWS_PER_STATEMENT) {
-                let sql = format!(
-                    "SELECT nonce, host, selection, expires_at, used_at FROM challenges WHERE nonce IN ({})",
-                    list_sql(chunk.len())
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT nonce, host, selection, expires_at, used_at FROM challenges WHERE nonce IN (",
                 );
-                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
-                for &i in chunk {
-                    if let Write::TakeChallenge { nonce, .. } = &writes[i] {
-                        q = q.bind(nonce);
-                    }
+                let mut list = qb.separated(", ");
+                for &(_, nonce) in chunk {
+                    list.push_bind(nonce);
                 }
+                qb.push(")");
                 let mut found = HashMap::new();
-                for r in q.fetch_all(&mut *conn).await? {
-                    found.insert(r.try_get::<String, _>("nonce")?, ChallengeRow {
-                        host: r.try_get("host")?,
-                        selection: r.try_get("selection")?,
-                        expires_at: r.try_get("expires_at")?,
-                        used_before: r.try_get::<Option<i64>, _>("used_at")?.is_some(),
-                    });
+                for r in qb.build().persistent(chunk.len() == 1).fetch_all(&mut *conn).await? {
+                    found.insert(r.try_get::<String, _>("nonce")?, challenge_row(&r)?);
                 }
-                for &i in chunk {
-                    if let Write::TakeChallenge { nonce, .. } = &writes[i] {
-                        done[i] = Written::Challenge(found.get(nonce).cloned());
-                    }
+                for &(i, nonce) in chunk {
+                    done[i] = Written::Challenge(found.get(nonce).cloned());
                 }
             }
-
             Ok(())
         }
 
@@ -1963,7 +1948,7 @@ macro_rules! sql_store {
             writes: &[$crate::store::writer::Write],
         ) -> Result<Vec<$crate::store::writer::Written>, sqlx::Error> {
             use $crate::store::writer::{
-                batch_order, distinct_rounds, rows_sql, Write, Written, ROWS_PER_STATEMENT,
+                batch_order, distinct_rounds, Write, Written, ROWS_PER_STATEMENT,
             };
             use sqlx::Row;
             use std::collections::{HashMap, HashSet};
@@ -2025,79 +2010,78 @@ macro_rules! sql_store {
                 lock_rows(&mut tx, "hosts", "name", touching.iter().map(|&i| host_of(i))).await?;
             }
             for round in distinct_rounds(&touching, host_of) {
-                for chunk in round.chunks(ROWS_PER_STATEMENT) {
-                    let sql = format!(
+                let rows: Vec<_> = round
+                    .iter()
+                    .filter_map(|&i| match &writes[i] {
+                        Write::Attestation(a) => Some((i, a.as_ref())),
+                        _ => None,
+                    })
+                    .collect();
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
                         "UPDATE hosts SET last_pcrs = COALESCE(v.column1, last_pcrs), clock = COALESCE(v.column2, clock), \
                          reset_count = COALESCE(v.column3, reset_count), restart_count = COALESCE(v.column4, restart_count), \
-                         ima_state = COALESCE(v.column5, ima_state), last_uefi_log = COALESCE(v.column6, last_uefi_log) \
-                         FROM (VALUES {}) AS v WHERE hosts.name = v.column7 AND (v.column8 IS NULL OR hosts.policy_epoch = v.column8) \
-                         RETURNING name",
-                        rows_sql(chunk.len(), 8)
+                         ima_state = COALESCE(v.column5, ima_state), last_uefi_log = COALESCE(v.column6, last_uefi_log) FROM (",
                     );
-                    let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
-                    for &i in chunk {
-                        if let Write::Attestation(a) = &writes[i] {
-                            q = q
-                                .bind(a.last_pcrs.as_deref())
-                                .bind(a.clock.map(|c| c.0))
-                                .bind(a.clock.map(|c| c.1))
-                                .bind(a.clock.map(|c| c.2))
-                                .bind(a.ima_state.as_deref())
-                                .bind(a.uefi_log.as_deref())
-                                .bind(&a.host)
-                                .bind(a.epoch);
-                        }
-                    }
-                    let updated: HashSet<String> = q
+                    qb.push_values(chunk, |mut row, &(_, a)| {
+                        row.push_bind(a.last_pcrs.as_deref())
+                            .push_bind(a.clock.map(|c| c.0))
+                            .push_bind(a.clock.map(|c| c.1))
+                            .push_bind(a.clock.map(|c| c.2))
+                            .push_bind(a.ima_state.as_deref())
+                            .push_bind(a.uefi_log.as_deref())
+                            .push_bind(a.host.as_str())
+                            .push_bind(a.epoch);
+                    });
+                    qb.push(
+                        ") AS v WHERE hosts.name = v.column7 AND (v.column8 IS NULL OR hosts.policy_epoch = v.column8) \
+                         RETURNING name",
+                    );
+                    let updated: HashSet<String> = qb
+                        .build()
+                        .persistent(chunk.len() == 1)
                         .fetch_all(&mut *tx)
                         .await?
                         .iter()
                         .map(|r| r.try_get::<String, _>("name"))
                         .collect::<Result<_, _>>()?;
-                    for &i in chunk {
-                        if let Write::Attestation(a) = &writes[i] {
-                            done[i] = Written::Recorded(a.epoch.is_none() || updated.contains(&a.host));
-                        }
+                    for &(i, a) in chunk {
+                        done[i] = Written::Recorded(a.epoch.is_none() || updated.contains(&a.host));
                     }
                 }
             }
 
             // Verdicts: the last recorded one of each host, one upsert; then
             // the events, in batch order, one INSERT per chunk.
-            let mut last_verdict: HashMap<&str, usize> = HashMap::new();
+            let mut last_verdict: HashMap<&str, &$crate::store::writer::AttestationWrite> = HashMap::new();
             let mut events = Vec::new();
             for &i in &order {
                 match &writes[i] {
                     Write::Attestation(a) if done[i] == Written::Recorded(true) => {
-                        last_verdict.insert(a.host.as_str(), i);
+                        last_verdict.insert(a.host.as_str(), a);
                         events.extend(a.events.iter());
                     }
                     Write::Event(event) => events.push(event),
                     _ => {}
                 }
             }
-            let mut verdicts: Vec<usize> = last_verdict.into_values().collect();
-            verdicts.sort_by(|&x, &y| host_of(x).cmp(host_of(y)));
+            let mut verdicts: Vec<_> = last_verdict.into_values().collect();
+            verdicts.sort_by(|x, y| x.host.cmp(&y.host));
             for chunk in verdicts.chunks(ROWS_PER_STATEMENT) {
-                let sql = format!(
-                    "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) VALUES {} \
-                     ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
+                let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) ");
+                qb.push_values(chunk, |mut row, a| {
+                    row.push_bind(a.host.as_str())
+                        .push_bind(a.trust)
+                        .push_bind(a.verified_at)
+                        .push_bind(a.expires_at)
+                        .push_bind(a.reasons.as_str())
+                        .push_bind(a.policy.as_deref());
+                });
+                qb.push(
+                    " ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
                      expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy",
-                    rows_sql(chunk.len(), 6)
                 );
-                let mut q = sqlx::query(&sql).persistent(chunk.len() == 1);
-                for &i in chunk {
-                    if let Write::Attestation(a) = &writes[i] {
-                        q = q
-                            .bind(&a.host)
-                            .bind(a.trust)
-                            .bind(a.verified_at)
-                            .bind(a.expires_at)
-                            .bind(&a.reasons)
-                            .bind(a.policy.as_deref());
-                    }
-                }
-                q.execute(&mut *tx).await?;
+                qb.build().persistent(chunk.len() == 1).execute(&mut *tx).await?;
             }
             append_events(&mut tx, &mut heads, &events).await?;
             save_heads(&mut tx, &heads).await?;

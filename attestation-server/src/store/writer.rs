@@ -30,33 +30,6 @@ pub(crate) const MAX_BATCH: usize = 256;
 /// every row count would hold megabytes of them.
 pub(crate) const ROWS_PER_STATEMENT: usize = 64;
 
-/// `($1, $2), ($3, $4)` for `rows` rows of `cols` parameters each.
-pub(crate) fn rows_sql(rows: usize, cols: usize) -> String {
-    let mut sql = String::with_capacity(rows * cols * 5);
-    for r in 0..rows {
-        if r > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("${}", r * cols + c + 1));
-        }
-        sql.push(')');
-    }
-    sql
-}
-
-/// `$1, $2, $3` for `n` parameters.
-pub(crate) fn list_sql(n: usize) -> String {
-    (1..=n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// `items` split into rounds in which no key appears twice, keeping the
 /// order of items within a key: a multi-row UPDATE applies one row per
 /// target, so a host attesting twice in one batch is updated twice, in
@@ -318,10 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn multi_row_placeholders_and_rounds() {
-        assert_eq!(rows_sql(2, 3), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(rows_sql(1, 1), "($1)");
-        assert_eq!(list_sql(3), "$1, $2, $3");
+    fn rounds_of_distinct_keys() {
         let hosts = ["a", "b", "a", "c", "a"];
         assert_eq!(
             distinct_rounds(&[0, 1, 2, 3, 4], |i| hosts[i]),
