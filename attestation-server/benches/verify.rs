@@ -47,10 +47,8 @@ fn bench(c: &mut Criterion) {
         };
         let now = Utc::now();
         let challenge = IssuedChallenge {
-            host: "node1".into(),
-            selection: attest.quote.pcr_select.clone(),
+            selection: Some(attest.quote.pcr_select.clone()),
             expires_at: now + Duration::hours(1),
-            used_before: false,
         };
         let expected = Expected {
             host: "node1",

@@ -2,8 +2,9 @@
 //! look up the expected state, call the verifier and store what it returns.
 
 use crate::audit;
+use crate::challenge;
 use crate::error::Error;
-use crate::store::{AttestationRecord, HostRecord, LogRecord, NewChallenge};
+use crate::store::{AttestationRecord, HostRecord, LogRecord, Recorded, UsedNonce};
 use crate::tls::{ClientIdentity, Peer, Role};
 use crate::verify::{self, Expected, Failure, Policy};
 use crate::AppState;
@@ -11,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Reque
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use proto::tpm::Public;
 use proto::wire::{
     Challenge, Evidence, HostDetail, HostTrust, Reason, RegisterHost, Trust, TrustQuery,
@@ -182,21 +183,19 @@ async fn challenge(
             .host_policy_at(&host, record.policy_generation)
             .await?,
     );
-    let mut nonce = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let now = Utc::now();
-    let ch = NewChallenge {
-        nonce: hex::encode(nonce),
-        host,
-        selection: needs.selection(&st.config.pcr_selection),
-        issued_at: now,
-        expires_at: now + Duration::seconds(st.config.challenge_ttl_secs as i64),
-    };
-    st.store.insert_challenge(&ch).await?;
+    // Nothing is stored: the nonce itself says what the evidence needs to
+    // be checked against (see `challenge`).
+    let mut random = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut random);
+    let expires_at =
+        (Utc::now() + Duration::seconds(st.config.challenge_ttl_secs as i64)).trunc_subsecs(0);
+    let nonce = st
+        .challenge_key
+        .issue(&host, expires_at, record.policy_generation, random);
     Ok(Json(Challenge {
-        nonce: ch.nonce,
-        pcr_selection: ch.selection,
-        expires_at: ch.expires_at,
+        nonce: hex::encode(nonce),
+        pcr_selection: needs.selection(&st.config.pcr_selection),
+        expires_at,
         uefi_log: needs.uefi_log(),
         ima_from: needs.ima_from(
             record.ima_state.as_ref(),
@@ -241,14 +240,32 @@ async fn evidence(
     let started = std::time::Instant::now();
     let (record, ak) = enrolled(st.store.host(&host).await?, &host)?;
     let trust_before = current_trust(&host, record.verdict.clone(), now).trust;
+    // The nonce, once the pool's key shows it was issued to this host; it
+    // is stored as used with whatever verdict this evidence gets.
+    let mut used: Option<UsedNonce> = None;
     let result = match body {
         Ok(Body(ev)) => {
             let nonce = ev.nonce.to_ascii_lowercase();
-            let issued = st.store.take_challenge(&nonce, &host, now).await?;
+            let claims = st.challenge_key.open(&host, &nonce);
             let host_policy = st
                 .store
                 .host_policy_at(&host, record.policy_generation)
                 .await?;
+            let issued = claims.map(|c| verify::IssuedChallenge {
+                // Same generation, same policy: the PCRs it asks for now are
+                // the ones the challenge asked for.
+                selection: (c.generation == challenge::generation_bits(record.policy_generation))
+                    .then(|| {
+                        let needs = verify::LogNeeds::of(&host_policy);
+                        proto::wire::selection_from_map(&needs.selection(&st.config.pcr_selection))
+                    }),
+                expires_at: c.expires_at,
+            });
+            used = claims.map(|c| UsedNonce {
+                nonce,
+                expires_at: c.expires_at,
+                exclusive: true,
+            });
             let expected = Expected {
                 host: &host,
                 ak: &ak,
@@ -282,17 +299,34 @@ async fn evidence(
                     clock: Some(verified.attest.clock_info),
                     events: &events,
                     policy_epoch: Some(epoch),
+                    nonce: used.as_ref(),
                 };
                 let logs = LogRecord {
                     ima_state: verified.ima_state.as_ref(),
                     uefi_log: verified.logs.uefi.as_ref().map(|(b, _)| b.as_slice()),
                 };
-                if st
+                match st
                     .store
                     .record_attestation_with_logs(&host, rec, logs)
                     .await?
                 {
-                    break;
+                    Recorded::Stored => break,
+                    Recorded::PolicyChanged => {}
+                    Recorded::NonceUsed => {
+                        // Genuine, but earlier evidence used this nonce: a replay.
+                        let err = Error::Verification {
+                            failure: Failure::Nonce(verify::NonceFailure::Replayed),
+                        };
+                        let refusal = Refusal {
+                            host: &host,
+                            caller: &caller,
+                            now,
+                            trust_before,
+                            started,
+                            used: used.as_ref(),
+                        };
+                        return refuse(&st, refusal, &correlation_id, err).await;
+                    }
                 }
                 // A policy change affected the host meanwhile: judge the same
                 // genuine evidence again against the policy as it is now.
@@ -318,56 +352,98 @@ async fn evidence(
             Ok(Json(verified.verdict))
         }
         Err(err) => {
-            // Evidence that is not genuine makes its host untrusted: only the
-            // host's own certificate can submit it, so something is wrong there.
-            let reason = match &err {
-                Error::Verification { failure } => failure.reason(),
-                other => Reason {
-                    step: verify::Step::Decode.name().into(),
-                    code: other.code().into(),
-                    message: other.to_string(),
-                    pcr: None,
-                },
-            };
-            let verdict = verify::verdict(
-                &host,
-                vec![reason.clone()],
-                now,
-                Duration::seconds(st.config.freshness_secs as i64),
-            );
-            let ev = audit::attestation_event(&audit::Attestation {
-                observer: &st.config.name,
+            let refusal = Refusal {
                 host: &host,
-                initiator: &caller.0.name,
+                caller: &caller,
                 now,
-                verdict: Some(&verdict),
-                reason: Some(&reason),
-                pcrs: None,
-                correlation_id: &correlation_id,
-            });
-            let rec = AttestationRecord {
-                verdict: &verdict,
-                verified_pcrs: None,
-                clock: None,
-                events: std::slice::from_ref(&ev),
-                policy_epoch: None,
+                trust_before,
+                started,
+                used: used.as_ref(),
             };
-            st.store.record_attestation(&host, rec).await?;
-            st.metrics.observe_attestation(&verdict, started.elapsed());
-            if st.throttle.refused(&host, std::time::Instant::now()) {
-                tracing::warn!(
-                    host,
-                    burst = st.config.failure_burst,
-                    refill_secs = st.config.failure_refill_secs,
-                    "host throttled: its evidence was refused too often in a row"
-                );
-            }
-            st.audit_wake.notify_one();
-            st.push.report(&host, trust_before, verdict.trust, now);
-            tracing::warn!(host, code = err.code(), error = %err, "evidence refused");
-            Err(err)
+            refuse(&st, refusal, &correlation_id, err).await
         }
     }
+}
+
+/// Evidence being refused, and what its verdict is stored with.
+struct Refusal<'a> {
+    host: &'a str,
+    caller: &'a Caller,
+    now: DateTime<Utc>,
+    trust_before: Trust,
+    started: std::time::Instant,
+    /// Stored as used, whether or not earlier evidence used it.
+    used: Option<&'a UsedNonce>,
+}
+
+/// Store the untrusted verdict and event of refused evidence and answer
+/// with the refusal. Evidence that is not genuine makes its host untrusted:
+/// only the host's own certificate can submit it, so something is wrong there.
+async fn refuse(
+    st: &AppState,
+    r: Refusal<'_>,
+    correlation_id: &str,
+    err: Error,
+) -> Result<Json<HostTrust>, Error> {
+    let Refusal {
+        host,
+        caller,
+        now,
+        trust_before,
+        started,
+        used,
+    } = r;
+    let reason = match &err {
+        Error::Verification { failure } => failure.reason(),
+        other => Reason {
+            step: verify::Step::Decode.name().into(),
+            code: other.code().into(),
+            message: other.to_string(),
+            pcr: None,
+        },
+    };
+    let verdict = verify::verdict(
+        host,
+        vec![reason.clone()],
+        now,
+        Duration::seconds(st.config.freshness_secs as i64),
+    );
+    let ev = audit::attestation_event(&audit::Attestation {
+        observer: &st.config.name,
+        host: host,
+        initiator: &caller.0.name,
+        now,
+        verdict: Some(&verdict),
+        reason: Some(&reason),
+        pcrs: None,
+        correlation_id,
+    });
+    let not_exclusive = used.map(|u| UsedNonce {
+        exclusive: false,
+        ..u.clone()
+    });
+    let rec = AttestationRecord {
+        verdict: &verdict,
+        verified_pcrs: None,
+        clock: None,
+        events: std::slice::from_ref(&ev),
+        policy_epoch: None,
+        nonce: not_exclusive.as_ref(),
+    };
+    st.store.record_attestation(host, rec).await?;
+    st.metrics.observe_attestation(&verdict, started.elapsed());
+    if st.throttle.refused(host, std::time::Instant::now()) {
+        tracing::warn!(
+            host,
+            burst = st.config.failure_burst,
+            refill_secs = st.config.failure_refill_secs,
+            "host throttled: its evidence was refused too often in a row"
+        );
+    }
+    st.audit_wake.notify_one();
+    st.push.report(host, trust_before, verdict.trust, now);
+    tracing::warn!(host, code = err.code(), error = %err, "evidence refused");
+    Err(err)
 }
 
 /// The events of one genuine attestation: the attestation itself, and a

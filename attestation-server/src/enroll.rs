@@ -277,7 +277,8 @@ pub fn proof(secret: &[u8], host: &str) -> String {
     hex::encode(ring::hmac::sign(&key, host.as_bytes()).as_ref())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equal, in time that does not depend on where the first difference is.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

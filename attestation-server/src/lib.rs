@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod challenge;
 pub mod config;
 pub mod credential;
 pub mod ctl;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Hosts whose evidence keeps being refused.
     pub throttle: throttle::FailureThrottle,
+    /// Issues and checks challenge nonces; the same key on every server of the pool.
+    pub challenge_key: challenge::ChallengeKey,
 }
 
 impl AppState {
@@ -82,6 +85,7 @@ impl AppState {
             .transpose()?
             .map(Arc::new);
         let store = store::open(&config.database_url.0).await?;
+        let challenge_key = challenge::ChallengeKey::new(&store.challenge_key().await?);
         let throttle = throttle::FailureThrottle::new(
             config.failure_burst,
             Duration::from_secs(config.failure_refill_secs),
@@ -98,6 +102,7 @@ impl AppState {
             push: Arc::new(push::Push::default()),
             metrics: metrics::Metrics::default(),
             throttle,
+            challenge_key,
         }))
     }
 }

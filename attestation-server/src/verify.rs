@@ -5,7 +5,8 @@
 //! The steps run in this order, each with its own failure type:
 //! 1. [`Step::Decode`]: base64/hex and TPM structure decoding
 //! 2. [`Step::Signature`]: the quote is signed by the host's enrolled AK
-//! 3. [`Step::Nonce`]: the nonce was issued by us, to this host, is unexpired and unused
+//! 3. [`Step::Nonce`]: the nonce was issued by us, to this host, and is
+//!    unexpired (that it is unused, the store checks as it stores the verdict)
 //! 4. [`Step::PcrSelection`]: the quote covers exactly the PCRs we asked for
 //! 5. [`Step::PcrDigest`]: the reported PCR values hash to the quote's pcrDigest
 //! 6. [`Step::Clock`]: the TPM's clock and counters did not go back (replay,
@@ -121,8 +122,6 @@ pub enum NonceFailure {
     NotQuoted,
     #[error("nonce was not issued by this service")]
     Unknown,
-    #[error("nonce was issued to host {issued_to}")]
-    OtherHost { issued_to: String },
     #[error("nonce expired at {expired_at}")]
     Expired { expired_at: DateTime<Utc> },
     #[error("nonce was already used")]
@@ -266,7 +265,6 @@ impl Failure {
             Failure::Signature(SignatureFailure::Invalid) => "signature_invalid",
             Failure::Nonce(NonceFailure::NotQuoted) => "nonce_not_quoted",
             Failure::Nonce(NonceFailure::Unknown) => "nonce_unknown",
-            Failure::Nonce(NonceFailure::OtherHost { .. }) => "nonce_other_host",
             Failure::Nonce(NonceFailure::Expired { .. }) => "nonce_expired",
             Failure::Nonce(NonceFailure::Replayed) => "nonce_replayed",
             Failure::PcrSelection(SelectionFailure::QuoteDiffers { .. }) => {
@@ -359,14 +357,15 @@ impl Failure {
     }
 }
 
-/// A challenge as the store knows it, seen by the evidence it is used with.
+/// The challenge the evidence's nonce was issued with (see
+/// `crate::challenge`), seen by the evidence it is used with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedChallenge {
-    pub host: String,
-    pub selection: PcrSelection,
+    /// The PCRs it asked for; `None` when a policy change since the
+    /// challenge may have changed them (the quote is then judged by what it
+    /// covers, against the policy as it is now).
+    pub selection: Option<PcrSelection>,
     pub expires_at: DateTime<Utc>,
-    /// True when an earlier evidence already consumed this nonce.
-    pub used_before: bool,
 }
 
 /// What the server expects of this host's evidence.
@@ -375,7 +374,8 @@ pub struct Expected<'a> {
     pub host: &'a str,
     /// The host's enrolled AK.
     pub ak: &'a Public,
-    /// The challenge stored under the evidence's nonce, if any.
+    /// The challenge the evidence's nonce was issued with; `None` when this
+    /// pool did not issue it to this host.
     pub challenge: Option<&'a IssuedChallenge>,
     /// The clock of the host's last genuine quote with this AK.
     pub last_clock: Option<ClockInfo>,
@@ -994,14 +994,6 @@ pub fn check_nonce(
         return Err(NonceFailure::NotQuoted);
     }
     let ch = expected.challenge.ok_or(NonceFailure::Unknown)?;
-    if ch.host != expected.host {
-        return Err(NonceFailure::OtherHost {
-            issued_to: ch.host.clone(),
-        });
-    }
-    if ch.used_before {
-        return Err(NonceFailure::Replayed);
-    }
     if now >= ch.expires_at {
         return Err(NonceFailure::Expired {
             expired_at: ch.expires_at,
@@ -1036,8 +1028,8 @@ pub fn check_selection(
     challenge: Option<&IssuedChallenge>,
 ) -> Result<(), SelectionFailure> {
     let quoted = attest.quote.pcr_select.normalized();
-    if let Some(ch) = challenge {
-        let asked = ch.selection.normalized();
+    if let Some(asked) = challenge.and_then(|ch| ch.selection.as_ref()) {
+        let asked = asked.normalized();
         if quoted != asked {
             return Err(SelectionFailure::QuoteDiffers {
                 asked: describe(&asked),

@@ -173,6 +173,7 @@ async fn attest(s: &Server, host: &str, trusted: bool, ttl: chrono::Duration) {
                 clock: None,
                 events: std::slice::from_ref(&ev),
                 policy_epoch: None,
+                nonce: None,
             },
         )
         .await

@@ -70,6 +70,7 @@ async fn store_verdict(state: &AppState, host: &str, trust: Trust) {
         clock: None,
         events: &[],
         policy_epoch: None,
+        nonce: None,
     };
     state.store.record_attestation(host, rec).await.unwrap();
 }

@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use attestation_server::store::{
-    self, ActivateOutcome, ApplyOutcome, AttestationRecord, Enrollment, NewChallenge, NewEvent,
-    PolicyChange, Rejudged, Store,
+    self, ActivateOutcome, ApplyOutcome, AttestationRecord, Enrollment, NewEvent, PolicyChange,
+    Recorded, Rejudged, Store, UsedNonce,
 };
 use chrono::{Duration, DurationRound, Utc};
 use proto::policy::{Group, MatchPolicy, Part, WhitelistVersion};
@@ -176,10 +176,17 @@ async fn policy_suite(s: Arc<dyn Store>) {
         clock: None,
         events: &[],
         policy_epoch: Some(epoch),
+        nonce: None,
     };
-    assert!(!s.record_attestation("p1", rec(0)).await.unwrap());
+    assert_eq!(
+        s.record_attestation("p1", rec(0)).await.unwrap(),
+        Recorded::PolicyChanged
+    );
     assert!(s.host("p1").await.unwrap().unwrap().verdict.is_none());
-    assert!(s.record_attestation("p1", rec(1)).await.unwrap());
+    assert_eq!(
+        s.record_attestation("p1", rec(1)).await.unwrap(),
+        Recorded::Stored
+    );
     assert_eq!(
         s.host("p1").await.unwrap().unwrap().verdict,
         Some(verdict.clone())
@@ -289,51 +296,66 @@ async fn two_servers_one_database(url: &str) {
         .duration_trunc(Duration::microseconds(1))
         .unwrap();
     a.register_host("x1", now).await.unwrap();
-    let ch = NewChallenge {
-        nonce: "cd".repeat(32),
-        host: "x1".into(),
-        selection: [(HashAlg::Sha256, vec![0])].into_iter().collect(),
-        issued_at: now,
-        expires_at: now + Duration::seconds(60),
+    let key = a.challenge_key().await.unwrap();
+    assert_eq!(key.len(), 32);
+    assert_eq!(
+        b.challenge_key().await.unwrap(),
+        key,
+        "one key for the pool"
+    );
+    assert_eq!(a.challenge_key().await.unwrap(), key, "and it stays");
+    let v = trusted_at("x1", now);
+    let rec = |n: &'static UsedNonce| AttestationRecord {
+        verdict: &v,
+        verified_pcrs: None,
+        clock: None,
+        events: &[],
+        policy_epoch: None,
+        nonce: Some(n),
     };
-    a.insert_challenge(&ch).await.unwrap();
-    let at_b = b
-        .take_challenge(&ch.nonce, "x1", now)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!at_b.used_before, "server B accepts server A's nonce");
-    let again_at_a = a
-        .take_challenge(&ch.nonce, "x1", now)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(again_at_a.used_before, "and server A then sees it used");
-    // Racing: 16 takes of one fresh nonce split over both servers; exactly one wins.
-    let ch2 = NewChallenge {
-        nonce: "ef".repeat(32),
-        ..ch
-    };
-    b.insert_challenge(&ch2).await.unwrap();
+    let n1: &'static UsedNonce = Box::leak(Box::new(used("cd".repeat(32), now, true)));
+    assert_eq!(
+        a.record_attestation("x1", rec(n1)).await.unwrap(),
+        Recorded::Stored
+    );
+    assert_eq!(
+        b.record_attestation("x1", rec(n1)).await.unwrap(),
+        Recorded::NonceUsed,
+        "server B sees the nonce server A stored as used"
+    );
+    // Racing: 16 uses of one fresh nonce split over both servers; exactly one wins.
+    let n2: &'static UsedNonce = Box::leak(Box::new(used("ef".repeat(32), now, true)));
     let mut tasks = Vec::new();
     for i in 0..16 {
         let s = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let nonce = ch2.nonce.clone();
+        let v = v.clone();
         tasks.push(tokio::spawn(async move {
-            s.take_challenge(&nonce, "x1", now)
-                .await
-                .unwrap()
-                .unwrap()
-                .used_before
+            let rec = AttestationRecord {
+                verdict: &v,
+                verified_pcrs: None,
+                clock: None,
+                events: &[],
+                policy_epoch: None,
+                nonce: Some(n2),
+            };
+            s.record_attestation("x1", rec).await.unwrap()
         }));
     }
     let mut fresh = 0;
     for t in tasks {
-        if !t.await.unwrap() {
+        if t.await.unwrap() == Recorded::Stored {
             fresh += 1;
         }
     }
-    assert_eq!(fresh, 1, "exactly one server consumed the nonce");
+    assert_eq!(fresh, 1, "exactly one server used the nonce");
+}
+
+fn used(nonce: String, now: chrono::DateTime<Utc>, exclusive: bool) -> UsedNonce {
+    UsedNonce {
+        nonce,
+        expires_at: now + Duration::seconds(60),
+        exclusive,
+    }
 }
 
 /// Two servers on one database: the policy one server caches is used only
@@ -492,45 +514,49 @@ async fn suite(s: Arc<dyn Store>) {
         (Some("ek-B"), false)
     );
 
-    // Challenges: single use, never consumed by another host.
-    let ch = NewChallenge {
-        nonce: "aa".repeat(32),
-        host: "n1".into(),
-        selection: [(HashAlg::Sha256, vec![0, 7])].into_iter().collect(),
-        issued_at: now,
-        expires_at: now + Duration::seconds(60),
+    // Nonces: an exclusive use stores nothing once the nonce was used; a
+    // refusal is stored whether or not it was.
+    let first = trusted_at("n1", now);
+    let replayed = HostTrust {
+        verified_at: Some(now + Duration::seconds(1)),
+        ..trusted_at("n1", now)
     };
-    s.insert_challenge(&ch).await.unwrap();
-    assert!(s.insert_challenge(&ch).await.is_err(), "nonces are unique");
-    let stolen = s
-        .take_challenge(&ch.nonce, "n2", now)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((stolen.host.as_str(), stolen.used_before), ("n1", false));
-    let first = s
-        .take_challenge(&ch.nonce, "n1", now)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!first.used_before);
-    assert_eq!(first.expires_at, ch.expires_at);
+    let with_nonce = |v, n| AttestationRecord {
+        verdict: v,
+        verified_pcrs: None,
+        clock: None,
+        events: &[],
+        policy_epoch: None,
+        nonce: Some(n),
+    };
+    let n = used("aa".repeat(32), now, true);
     assert_eq!(
-        first.selection.banks,
-        vec![(HashAlg::Sha256, [0u8, 7].into_iter().collect())]
-    );
-    assert!(
-        s.take_challenge(&ch.nonce, "n1", now)
+        s.record_attestation("n1", with_nonce(&first, &n))
             .await
-            .unwrap()
-            .unwrap()
-            .used_before
+            .unwrap(),
+        Recorded::Stored
     );
-    assert!(s
-        .take_challenge(&"bb".repeat(32), "n1", now)
-        .await
-        .unwrap()
-        .is_none());
+    assert_eq!(
+        s.record_attestation("n1", with_nonce(&replayed, &n))
+            .await
+            .unwrap(),
+        Recorded::NonceUsed
+    );
+    assert_eq!(
+        s.host("n1").await.unwrap().unwrap().verdict,
+        Some(first.clone())
+    );
+    let refusal = used("aa".repeat(32), now, false);
+    assert_eq!(
+        s.record_attestation("n1", with_nonce(&replayed, &refusal))
+            .await
+            .unwrap(),
+        Recorded::Stored
+    );
+    assert_eq!(
+        s.host("n1").await.unwrap().unwrap().verdict,
+        Some(replayed.clone())
+    );
 
     // Verdicts with their events, in one transaction.
     let verdict = HostTrust {
@@ -561,6 +587,7 @@ async fn suite(s: Arc<dyn Store>) {
             clock: Some(clock),
             events: &[event("n1", 9)],
             policy_epoch: None,
+            nonce: None,
         },
     )
     .await
@@ -624,7 +651,7 @@ async fn suite(s: Arc<dyn Store>) {
         "newest three, oldest first"
     );
 
-    // Pruning removes only expired challenges.
+    // Pruning removes only expired used nonces.
     assert_eq!(s.prune_challenges(now).await.unwrap(), 0);
     assert_eq!(
         s.prune_challenges(now + Duration::seconds(61))
@@ -696,6 +723,7 @@ async fn suite(s: Arc<dyn Store>) {
             clock: None,
             events: &[],
             policy_epoch: None,
+            nonce: None,
         };
         s.record_attestation(host, rec).await.unwrap();
     }
@@ -771,6 +799,7 @@ async fn group_commit_suite(s: Arc<dyn Store>) {
         let (store, host) = (s.clone(), host.clone());
         // Two servers' chains interleave in the same batches.
         let events = vec![cadf(if i % 2 == 0 { "gc-a" } else { "gc-b" }, i + 1)];
+        let nonce = used(format!("gc-nonce-{i}"), at, true);
         tasks.spawn(async move {
             let v = trusted_at(&host, at);
             let rec = AttestationRecord {
@@ -780,27 +809,14 @@ async fn group_commit_suite(s: Arc<dyn Store>) {
                 events: &events,
                 // One verdict was judged against a policy that changed since.
                 policy_epoch: Some(if i == 7 { epoch + 100 } else { epoch }),
+                nonce: Some(&nonce),
             };
             let recorded = store.record_attestation(&host, rec).await;
-            ("record", i, recorded.map(usize::from))
-        });
-        let (store, nonce) = (s.clone(), format!("gc-nonce-{i}"));
-        let host = hosts[i].clone();
-        tasks.spawn(async move {
-            let ch = NewChallenge {
-                nonce: nonce.clone(),
-                host: host.clone(),
-                selection: BTreeMap::new(),
-                issued_at: at,
-                expires_at: at + Duration::seconds(60),
-            };
-            store.insert_challenge(&ch).await.unwrap();
-            let taken = store.take_challenge(&nonce, &host, at).await.map(|c| {
-                let c = c.unwrap();
-                assert_eq!(c.host, host);
-                usize::from(!c.used_before)
-            });
-            ("challenge", i, taken)
+            (
+                "record",
+                i,
+                recorded.map(|r| usize::from(r == Recorded::Stored)),
+            )
         });
     }
     {
@@ -827,6 +843,27 @@ async fn group_commit_suite(s: Arc<dyn Store>) {
     assert_eq!(h.clock.map(|c| c.clock), Some(1005));
     assert_eq!(h.last_pcrs, Some(pcrs(&"aa".repeat(32))));
     assert!(s.host("gc-7").await.unwrap().unwrap().clock.is_none());
+    // Nothing stored, the nonce left unused: judged again, the verdict is
+    // stored with it; a use of another host's stored nonce is not.
+    let v7 = trusted_at("gc-7", at);
+    let again = |n| AttestationRecord {
+        verdict: &v7,
+        verified_pcrs: None,
+        clock: None,
+        events: &[],
+        policy_epoch: Some(epoch),
+        nonce: Some(n),
+    };
+    let n7 = used("gc-nonce-7".into(), at, true);
+    let n6 = used("gc-nonce-6".into(), at, true);
+    assert_eq!(
+        s.record_attestation("gc-7", again(&n7)).await.unwrap(),
+        Recorded::Stored
+    );
+    assert_eq!(
+        s.record_attestation("gc-7", again(&n6)).await.unwrap(),
+        Recorded::NonceUsed
+    );
     // The duplicate's first copy plus one event per stored verdict.
     let stored = s.stored_events_after(0, 100_000).await.unwrap();
     assert_eq!(stored.len() - stored_before, 1 + (N - 1));
@@ -845,49 +882,42 @@ async fn group_commit_suite(s: Arc<dyn Store>) {
         );
     }
 
-    // One host's verdicts and one nonce's takes arriving together (they
-    // share batches): every verdict is stored in turn, the nonce is taken
-    // fresh exactly once, and a take by the wrong host takes nothing.
-    let ch = NewChallenge {
-        nonce: "gc-same".into(),
-        host: "gc-1".into(),
-        selection: BTreeMap::new(),
-        issued_at: at,
-        expires_at: at + Duration::seconds(60),
-    };
-    s.insert_challenge(&ch).await.unwrap();
+    // One host's verdicts and one nonce's uses arriving together (they
+    // share batches): every verdict without the nonce is stored in turn,
+    // and exactly one use of the nonce is.
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16u64 {
         let store = s.clone();
         tasks.spawn(async move {
             let v = trusted_at("gc-0", at);
-            let rec = AttestationRecord {
+            let rec = |nonce| AttestationRecord {
                 verdict: &v,
                 verified_pcrs: None,
                 clock: Some(clock_at(2000 + i)),
                 events: &[],
                 policy_epoch: None,
+                nonce,
             };
-            let stored = store.record_attestation("gc-0", rec).await.unwrap();
-            let host = if i == 0 { "gc-2" } else { "gc-1" };
-            let taken = store
-                .take_challenge("gc-same", host, at)
+            let stored = store.record_attestation("gc-0", rec(None)).await.unwrap();
+            let same = used("gc-same".into(), at, true);
+            let with_nonce = store
+                .record_attestation("gc-1", rec(Some(&same)))
                 .await
-                .unwrap()
                 .unwrap();
-            // The wrong host gets the row to compare against, never a take.
-            (stored, host == "gc-1" && !taken.used_before)
+            (stored, with_nonce)
         });
     }
     let mut fresh = 0;
     while let Some(joined) = tasks.join_next().await {
-        let (stored, was_fresh) = joined.unwrap();
-        assert!(stored);
-        if was_fresh {
+        let (stored, with_nonce) = joined.unwrap();
+        assert_eq!(stored, Recorded::Stored);
+        if with_nonce == Recorded::Stored {
             fresh += 1;
+        } else {
+            assert_eq!(with_nonce, Recorded::NonceUsed);
         }
     }
-    assert_eq!(fresh, 1, "one take of the nonce by its host is fresh");
+    assert_eq!(fresh, 1, "one use of the nonce is stored");
     let clock = s.host("gc-0").await.unwrap().unwrap().clock.unwrap().clock;
     assert!((2000..2016).contains(&clock), "{clock}");
 }

@@ -223,6 +223,7 @@ impl Pool {
             clock: None,
             events: &[],
             policy_epoch: None,
+            nonce: None,
         };
         store.record_attestation(host, rec).await?;
         Ok(verdict)

@@ -184,13 +184,24 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
     expect_code(host.submit(&ev).await, 422, "nonce_expired");
     host.genuine_round().await;
 
-    // A nonce issued to another host.
+    // A nonce issued to another host: the pool's key does not vouch for it
+    // as node1's.
     let node2 = pool.client("agent-node2")?;
     let ch2: Challenge = node2
         .post("/v1/agents/node2/challenge", &serde_json::json!({}))
         .await?;
     let ev = host.evidence(&ch2, None).await;
-    expect_code(host.submit(&ev).await, 422, "nonce_other_host");
+    expect_code(host.submit(&ev).await, 422, "nonce_unknown");
+    assert_untrusted_by(&pool, "nonce", "nonce_unknown").await;
+    host.genuine_round().await;
+    // A nonce the pool never issued: node1's own with one bit flipped, quoted
+    // and signed by node1's TPM.
+    let mut forged = host.challenge().await;
+    let mut bytes = hex::decode(&forged.nonce)?;
+    bytes[0] ^= 1;
+    forged.nonce = hex::encode(bytes);
+    let ev_forged = host.evidence(&forged, None).await;
+    expect_code(host.submit(&ev_forged).await, 422, "nonce_unknown");
     // ...which did not consume node2's nonce.
     let still: Result<HostTrust, _> = node2.post("/v1/agents/node2/evidence", &ev).await;
     assert!(
@@ -313,7 +324,7 @@ async fn bad_evidence_is_refused_audited_and_never_trusted() -> anyhow::Result<(
         "signature_invalid",
         "nonce_replayed",
         "nonce_expired",
-        "nonce_other_host",
+        "nonce_unknown",
         "pcr_selection_mismatch",
         "pcr_digest_mismatch",
         "invalid_body",

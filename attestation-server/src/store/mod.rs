@@ -13,12 +13,11 @@ mod writer;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::verify::IssuedChallenge;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use proto::policy::{AppliedPolicy, Group, WhitelistSummary, WhitelistVersion};
 use proto::tpm::ClockInfo;
-use proto::wire::{HostTrust, PcrSelectionMap, PcrValues, Trust};
+use proto::wire::{HostTrust, PcrValues, Trust};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -76,13 +75,28 @@ pub struct HostRecord {
     pub last_uefi_log: Option<Vec<u8>>,
 }
 
+/// The nonce an attestation used (see `crate::challenge`). It is stored
+/// with the verdict, in the same transaction; that row is what makes a
+/// nonce single-use.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewChallenge {
+pub struct UsedNonce {
     pub nonce: String,
-    pub host: String,
-    pub selection: PcrSelectionMap,
-    pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// True: store the verdict only if no earlier evidence used the nonce
+    /// (else [`Recorded::NonceUsed`]); false: store it either way (the
+    /// verdict refuses the evidence already).
+    pub exclusive: bool,
+}
+
+/// What `record_attestation` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Stored,
+    /// A policy change affected the host since `policy_epoch`: nothing
+    /// stored, judge the evidence again.
+    PolicyChanged,
+    /// Earlier evidence used the nonce: nothing stored, the evidence is a replay.
+    NonceUsed,
 }
 
 /// An audit event ready to be stored (the outbox row).
@@ -140,8 +154,11 @@ pub struct AttestationRecord<'a> {
     pub events: &'a [NewEvent],
     /// The host's `policy_epoch` read before its policy was loaded: if a
     /// policy change affected the host since, nothing is stored and
-    /// `record_attestation` answers false, so the verdict is judged again.
+    /// `record_attestation` answers [`Recorded::PolicyChanged`], so the
+    /// verdict is judged again.
     pub policy_epoch: Option<i64>,
+    /// The challenge nonce the evidence used, consumed in the same transaction.
+    pub nonce: Option<&'a UsedNonce>,
 }
 
 /// The event-log state to store with a genuine attestation (same
@@ -298,22 +315,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<ActivateOutcome, StoreError>;
     /// Let the host enroll once with another EK (an operator's re-key).
     async fn allow_rekey(&self, host: &str, event: &NewEvent) -> Result<bool, StoreError>;
-    async fn insert_challenge(&self, ch: &NewChallenge) -> Result<(), StoreError>;
-    /// Atomically consume the nonce if it was issued to `host` and is unused;
-    /// otherwise report what is stored under it without changing it.
-    async fn take_challenge(
-        &self,
-        nonce: &str,
-        host: &str,
-        now: DateTime<Utc>,
-    ) -> Result<Option<IssuedChallenge>, StoreError>;
-    /// Store a verdict and its event in one transaction; false (nothing
-    /// stored) when the policy changed since `rec.policy_epoch`.
+    /// The pool's challenge key (see `crate::challenge`): made by the first
+    /// server to ask, the same for every server of the pool after that.
+    async fn challenge_key(&self) -> Result<Vec<u8>, StoreError>;
+    /// Store a verdict and its event in one transaction (see [`Recorded`]
+    /// for when nothing is stored).
     async fn record_attestation(
         &self,
         host: &str,
         rec: AttestationRecord<'_>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Recorded, StoreError> {
         self.record_attestation_with_logs(host, rec, LogRecord::default())
             .await
     }
@@ -324,7 +335,7 @@ pub trait Store: Send + Sync + 'static {
         host: &str,
         rec: AttestationRecord<'_>,
         logs: LogRecord<'_>,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Recorded, StoreError>;
     /// Store an event that changes no other state.
     async fn record_event(&self, event: &NewEvent) -> Result<(), StoreError>;
 
@@ -961,41 +972,30 @@ macro_rules! sql_store {
                 Ok(true)
             }
 
-            async fn insert_challenge(&self, ch: &$crate::store::NewChallenge) -> Result<(), $crate::store::StoreError> {
-                self.writer.submit($crate::store::writer::Write::challenge(ch)).await?;
-                Ok(())
+            async fn challenge_key(&self) -> Result<Vec<u8>, $crate::store::StoreError> {
+                use sqlx::Row;
+                // Whoever inserts first sets the key; everyone reads that one.
+                let mut fresh = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
+                sqlx::query("INSERT INTO challenge_key (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
+                    .bind(fresh.as_slice())
+                    .execute(&self.pool)
+                    .await?;
+                let row = sqlx::query("SELECT secret FROM challenge_key WHERE id = 1")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get::<Vec<u8>, _>("secret")?)
             }
 
-            async fn take_challenge(
-                &self,
-                nonce: &str,
-                host: &str,
-                now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<Option<$crate::verify::IssuedChallenge>, $crate::store::StoreError> {
-                use $crate::store::writer::{Write, Written};
-                let write = Write::TakeChallenge {
-                    nonce: nonce.to_string(),
-                    host: host.to_string(),
-                    now: $crate::store::micros(now),
-                };
-                let Written::Challenge(row) = self.writer.submit(write).await? else {
-                    return Ok(None);
-                };
-                let Some(row) = row else { return Ok(None) };
-                let selection: $crate::store::PcrSelectionMap =
-                    $crate::store::from_json(&row.host, "challenge selection", &row.selection)?;
-                Ok(Some($crate::verify::IssuedChallenge {
-                    host: row.host,
-                    selection: proto::wire::selection_from_map(&selection),
-                    expires_at: $crate::store::from_micros(row.expires_at),
-                    used_before: row.used_before,
-                }))
-            }
-
-            async fn record_attestation_with_logs(&self, host: &str, rec: $crate::store::AttestationRecord<'_>, logs: $crate::store::LogRecord<'_>) -> Result<bool, $crate::store::StoreError> {
+            async fn record_attestation_with_logs(&self, host: &str, rec: $crate::store::AttestationRecord<'_>, logs: $crate::store::LogRecord<'_>) -> Result<$crate::store::Recorded, $crate::store::StoreError> {
                 use $crate::store::writer::{AttestationWrite, Write, Written};
+                use $crate::store::Recorded;
                 let write = Write::Attestation(Box::new(AttestationWrite::new(host, &rec, &logs)));
-                Ok(matches!(self.writer.submit(write).await?, Written::Recorded(true)))
+                Ok(match self.writer.submit(write).await? {
+                    Written::Recorded(true) => Recorded::Stored,
+                    Written::NonceUsed => Recorded::NonceUsed,
+                    _ => Recorded::PolicyChanged,
+                })
             }
 
             async fn record_event(&self, event: &$crate::store::NewEvent) -> Result<(), $crate::store::StoreError> {
@@ -1835,101 +1835,59 @@ macro_rules! sql_store {
             Ok(())
         }
 
-        /// The challenges issued in `writes` (indices `issued`), one INSERT per chunk.
-        async fn issue_challenges(
+        /// The nonces the attestations of `writes` used, stored as used
+        /// (one INSERT per chunk, in nonce order: every batch takes these
+        /// row locks in one order). An exclusive use whose nonce was stored
+        /// before, by an earlier batch or earlier in this one, gets
+        /// `Written::NonceUsed` in `done` and stores nothing else.
+        async fn use_nonces(
             conn: &mut <$db as sqlx::Database>::Connection,
             writes: &[$crate::store::writer::Write],
-            issued: &[usize],
-        ) -> Result<(), sqlx::Error> {
-            use $crate::store::writer::{Write, ROWS_PER_STATEMENT};
-            let rows: Vec<_> = issued
-                .iter()
-                .filter_map(|&i| match &writes[i] {
-                    Write::Challenge { nonce, host, selection, issued_at, expires_at } => {
-                        Some((nonce.as_str(), host.as_str(), selection.as_str(), *issued_at, *expires_at))
-                    }
-                    _ => None,
-                })
-                .collect();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO challenges (nonce, host, selection, issued_at, expires_at) ");
-                qb.push_values(chunk, |mut row, &(nonce, host, selection, issued_at, expires_at)| {
-                    row.push_bind(nonce).push_bind(host).push_bind(selection).push_bind(issued_at).push_bind(expires_at);
-                });
-                qb.build().persistent(chunk.len() == 1).execute(&mut *conn).await?;
-            }
-            Ok(())
-        }
-
-        /// A `challenges` row (host, selection, expires_at, used_at).
-        fn challenge_row(r: &<$db as sqlx::Database>::Row) -> Result<$crate::store::writer::ChallengeRow, sqlx::Error> {
-            use sqlx::Row;
-            Ok($crate::store::writer::ChallengeRow {
-                host: r.try_get("host")?,
-                selection: r.try_get("selection")?,
-                expires_at: r.try_get("expires_at")?,
-                used_before: r.try_get::<Option<i64>, _>("used_at")?.is_some(),
-            })
-        }
-
-        /// The challenges taken in `writes` (indices `takes`), answers in `done`.
-        ///
-        /// One UPDATE marks the unused ones; the first take of each (nonce,
-        /// host) in the batch gets what it returned, every other take reads
-        /// the row as it is now (used, or another host's, or none).
-        async fn take_challenges(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            writes: &[$crate::store::writer::Write],
-            takes: &[usize],
             done: &mut [$crate::store::writer::Written],
         ) -> Result<(), sqlx::Error> {
-            use $crate::store::writer::{Write, Written, ROWS_PER_STATEMENT};
+            use $crate::store::writer::{distinct_rounds, Write, Written, ROWS_PER_STATEMENT};
             use sqlx::Row;
-            use std::collections::HashMap;
-            let rows: Vec<_> = takes
-                .iter()
-                .filter_map(|&i| match &writes[i] {
-                    Write::TakeChallenge { nonce, host, now } => Some((i, nonce.as_str(), host.as_str(), *now)),
-                    _ => None,
-                })
-                .collect();
-            let mut fresh = HashMap::new();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new("UPDATE challenges SET used_at = v.column3 FROM (");
-                qb.push_values(chunk, |mut row, &(_, nonce, host, now)| {
-                    row.push_bind(nonce).push_bind(host).push_bind(now);
-                });
-                qb.push(
-                    ") AS v WHERE challenges.nonce = v.column1 AND challenges.host = v.column2 AND challenges.used_at IS NULL \
-                     RETURNING nonce, host, selection, expires_at, CAST(NULL AS BIGINT) AS used_at",
-                );
-                for r in qb.build().persistent(chunk.len() == 1).fetch_all(&mut *conn).await? {
-                    let key = (r.try_get::<String, _>("nonce")?, r.try_get::<String, _>("host")?);
-                    fresh.insert(key, challenge_row(&r)?);
-                }
-            }
-            let mut rest = Vec::new();
-            for &(i, nonce, host, _) in &rows {
-                match fresh.remove(&(nonce.to_string(), host.to_string())) {
-                    Some(row) => done[i] = Written::Challenge(Some(row)),
-                    None => rest.push((i, nonce)),
-                }
-            }
-            for chunk in rest.chunks(ROWS_PER_STATEMENT) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT nonce, host, selection, expires_at, used_at FROM challenges WHERE nonce IN (",
-                );
-                let mut list = qb.separated(", ");
-                for &(_, nonce) in chunk {
-                    list.push_bind(nonce);
-                }
-                qb.push(")");
-                let mut found = HashMap::new();
-                for r in qb.build().persistent(chunk.len() == 1).fetch_all(&mut *conn).await? {
-                    found.insert(r.try_get::<String, _>("nonce")?, challenge_row(&r)?);
-                }
-                for &(i, nonce) in chunk {
-                    done[i] = Written::Challenge(found.get(nonce).cloned());
+            use std::collections::HashSet;
+            let nonce_of = |i: usize| match &writes[i] {
+                Write::Attestation(a) => a.nonce.as_ref().map(|n| n.0.as_str()),
+                _ => None,
+            };
+            let mut using: Vec<usize> = (0..writes.len()).filter(|&i| nonce_of(i).is_some()).collect();
+            // Stable: two uses of one nonce keep their arrival order, and the first wins.
+            using.sort_by(|&x, &y| nonce_of(x).cmp(&nonce_of(y)));
+            for round in distinct_rounds(&using, |i| nonce_of(i).unwrap_or_default()) {
+                for chunk in round.chunks(ROWS_PER_STATEMENT) {
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .filter_map(|&i| match &writes[i] {
+                            Write::Attestation(a) => a.nonce.as_ref().map(|n| (a.host.as_str(), n, a.verified_at)),
+                            _ => None,
+                        })
+                        .collect();
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO challenges (nonce, host, selection, issued_at, expires_at, used_at) ",
+                    );
+                    qb.push_values(&rows, |mut row, &(host, n, at)| {
+                        row.push_bind(n.0.as_str()).push_bind(host).push_bind("").push_bind(at).push_bind(n.1).push_bind(at);
+                    });
+                    qb.push(" ON CONFLICT (nonce) DO NOTHING RETURNING nonce");
+                    let stored: HashSet<String> = qb
+                        .build()
+                        .persistent(rows.len() == 1)
+                        .fetch_all(&mut *conn)
+                        .await?
+                        .iter()
+                        .map(|r| r.try_get::<String, _>("nonce"))
+                        .collect::<Result<_, _>>()?;
+                    for &i in chunk {
+                        if let Write::Attestation(a) = &writes[i] {
+                            if let Some(n) = &a.nonce {
+                                if n.2 && !stored.contains(&n.0) {
+                                    done[i] = Written::NonceUsed;
+                                }
+                            }
+                        }
+                    }
                 }
             }
             Ok(())
@@ -1954,39 +1912,12 @@ macro_rules! sql_store {
             use std::collections::{HashMap, HashSet};
             let _gate = gate.lock().await;
             let mut done = vec![Written::Done; writes.len()];
-            // A challenge issued or taken alone is one atomic statement: no
-            // BEGIN and COMMIT around it (two round trips of three).
-            if let [only] = writes {
-                let one = [0];
-                match only {
-                    Write::Challenge { .. } => {
-                        issue_challenges(&mut *pool.acquire().await?, writes, &one).await?;
-                        return Ok(done);
-                    }
-                    Write::TakeChallenge { .. } => {
-                        take_challenges(&mut *pool.acquire().await?, writes, &one, &mut done).await?;
-                        return Ok(done);
-                    }
-                    _ => {}
-                }
-            }
             let mut tx = pool.begin().await?;
             let mut heads = $crate::store::ChainHeads::default();
-            // Locks are taken in one order (challenges by nonce, host rows by
-            // name, then verdicts and the chain head): see `batch_order`.
+            // Locks are taken in one order (used nonces by nonce, host rows
+            // by name, then verdicts and the chain head): see `batch_order`.
             let order = batch_order(writes);
-
-            let issued: Vec<usize> = order.iter().copied().filter(|&i| matches!(writes[i], Write::Challenge { .. })).collect();
-            let takes: Vec<usize> = order.iter().copied().filter(|&i| matches!(writes[i], Write::TakeChallenge { .. })).collect();
-            issue_challenges(&mut tx, writes, &issued).await?;
-            let nonce_of = |i: usize| match &writes[i] {
-                Write::TakeChallenge { nonce, .. } => nonce.as_str(),
-                _ => "",
-            };
-            if !gate.serializes() {
-                lock_rows(&mut tx, "challenges", "nonce", takes.iter().map(|&i| nonce_of(i))).await?;
-            }
-            take_challenges(&mut tx, writes, &takes, &mut done).await?;
+            use_nonces(&mut tx, writes, &mut done).await?;
 
             // Host rows: one UPDATE per round of distinct hosts checks each
             // verdict's policy epoch (which locks the row) and sets every
@@ -1994,6 +1925,9 @@ macro_rules! sql_store {
             // a second round, in arrival order.
             let mut touching = Vec::new();
             for &i in &order {
+                if done[i] == Written::NonceUsed {
+                    continue;
+                }
                 if let Write::Attestation(a) = &writes[i] {
                     if a.touches_host() {
                         touching.push(i);
@@ -2049,6 +1983,26 @@ macro_rules! sql_store {
                         done[i] = Written::Recorded(a.epoch.is_none() || updated.contains(&a.host));
                     }
                 }
+            }
+
+            // A verdict not stored for its policy epoch leaves its nonce
+            // unused: the evidence is judged again and stored with it.
+            let released: Vec<&str> = touching
+                .iter()
+                .filter(|&&i| done[i] == Written::Recorded(false))
+                .filter_map(|&i| match &writes[i] {
+                    Write::Attestation(a) => a.nonce.as_ref().filter(|n| n.2).map(|n| n.0.as_str()),
+                    _ => None,
+                })
+                .collect();
+            for chunk in released.chunks(ROWS_PER_STATEMENT) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new("DELETE FROM challenges WHERE nonce IN (");
+                let mut list = qb.separated(", ");
+                for nonce in chunk {
+                    list.push_bind(*nonce);
+                }
+                qb.push(")");
+                qb.build().persistent(false).execute(&mut *tx).await?;
             }
 
             // Verdicts: the last recorded one of each host, one upsert; then

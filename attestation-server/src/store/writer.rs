@@ -1,6 +1,6 @@
 //! Group commit for the attestation path.
 //!
-//! Every challenge issued, nonce consumed and verdict stored is a write, and
+//! Every verdict stored (with the nonce its evidence used) is a write, and
 //! at fleet scale they arrive by the thousand per second. Run one by one,
 //! each pays a transaction of its own (BEGIN, COMMIT, the hash-chain head
 //! read and written, and on SQLite a turn at the single writer lock). Here
@@ -17,7 +17,7 @@
 //! Writes are owned and already serialized when queued: the writer only
 //! binds values, so the one task that everything waits for does no JSON.
 
-use super::{micros, to_json, AttestationRecord, LogRecord, NewChallenge, NewEvent, StoreError};
+use super::{micros, to_json, AttestationRecord, LogRecord, NewEvent, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 /// The most writes one transaction takes. Large enough to amortize the
@@ -57,18 +57,6 @@ const QUEUE: usize = 4096;
 /// One write of the attestation path.
 #[derive(Debug, Clone)]
 pub(crate) enum Write {
-    Challenge {
-        nonce: String,
-        host: String,
-        selection: String,
-        issued_at: i64,
-        expires_at: i64,
-    },
-    TakeChallenge {
-        nonce: String,
-        host: String,
-        now: i64,
-    },
     Attestation(Box<AttestationWrite>),
     Event(NewEvent),
 }
@@ -77,6 +65,8 @@ pub(crate) enum Write {
 #[derive(Debug, Clone)]
 pub(crate) struct AttestationWrite {
     pub host: String,
+    /// The nonce used: (nonce, expires_at, exclusive), see [`super::UsedNonce`].
+    pub nonce: Option<(String, i64, bool)>,
     /// See [`AttestationRecord::policy_epoch`].
     pub epoch: Option<i64>,
     pub last_pcrs: Option<String>,
@@ -97,6 +87,9 @@ impl AttestationWrite {
         let v = rec.verdict;
         AttestationWrite {
             host: host.to_string(),
+            nonce: rec
+                .nonce
+                .map(|n| (n.nonce.clone(), micros(n.expires_at), n.exclusive)),
             epoch: rec.policy_epoch,
             last_pcrs: rec.verified_pcrs.map(to_json),
             clock: rec.clock.map(|c| {
@@ -128,25 +121,15 @@ impl AttestationWrite {
 }
 
 impl Write {
-    pub(crate) fn challenge(ch: &NewChallenge) -> Self {
-        Write::Challenge {
-            nonce: ch.nonce.clone(),
-            host: ch.host.clone(),
-            selection: to_json(&ch.selection),
-            issued_at: micros(ch.issued_at),
-            expires_at: micros(ch.expires_at),
-        }
-    }
-
     /// Where the write goes in its batch. Every batch takes its row locks
-    /// in one order (challenges by nonce, then host rows by name, as policy
-    /// changes do, then verdicts and the chain head; on PostgreSQL the rows
-    /// of a multi-row UPDATE are locked first, sorted, by `lock_rows`), so
-    /// two batches, or a batch and a policy change, cannot deadlock. Events
-    /// lock nothing but the chain head: they keep their arrival order.
+    /// in one order (used nonces by nonce, first of all, see `use_nonces`;
+    /// then host rows by name, as policy changes do; then verdicts and the
+    /// chain head; on PostgreSQL the rows of a multi-row UPDATE are locked
+    /// first, sorted, by `lock_rows`), so two batches, or a batch and a
+    /// policy change, cannot deadlock. Events lock nothing but the chain
+    /// head: they keep their arrival order.
     fn order(&self) -> (u8, &str) {
         match self {
-            Write::Challenge { nonce, .. } | Write::TakeChallenge { nonce, .. } => (0, nonce),
             Write::Attestation(a) => (1, &a.host),
             Write::Event(_) => (2, ""),
         }
@@ -161,22 +144,14 @@ pub(crate) fn batch_order(writes: &[Write]) -> Vec<usize> {
     order
 }
 
-/// A consumed (or already used) challenge as stored, before decoding.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ChallengeRow {
-    pub host: String,
-    pub selection: String,
-    pub expires_at: i64,
-    pub used_before: bool,
-}
-
 /// What a write answers once its batch committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Written {
     Done,
-    Challenge(Option<ChallengeRow>),
     /// False: the policy changed since the verdict's epoch; nothing stored.
     Recorded(bool),
+    /// An exclusive use of a nonce that was used before; nothing stored.
+    NonceUsed,
 }
 
 pub(crate) type Pending = (Write, oneshot::Sender<Result<Written, StoreError>>);
@@ -236,6 +211,7 @@ mod tests {
     fn att(host: &str) -> Write {
         Write::Attestation(Box::new(AttestationWrite {
             host: host.into(),
+            nonce: None,
             epoch: None,
             last_pcrs: None,
             clock: None,
@@ -251,7 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_lock_challenges_then_hosts_in_name_order_then_events() {
+    fn batches_lock_hosts_in_name_order_then_events() {
         let writes = vec![
             Write::Event(NewEvent {
                 id: "e".into(),
@@ -260,24 +236,11 @@ mod tests {
                 body: "{}".into(),
             }),
             att("node2"),
-            Write::TakeChallenge {
-                nonce: "bb".into(),
-                host: "node2".into(),
-                now: 0,
-            },
             att("node1"),
             att("node2"),
-            Write::Challenge {
-                nonce: "aa".into(),
-                host: "node1".into(),
-                selection: "{}".into(),
-                issued_at: 0,
-                expires_at: 0,
-            },
         ];
-        // Challenges by nonce, hosts by name (arrival order kept for node2),
-        // the event last.
-        assert_eq!(batch_order(&writes), vec![5, 2, 3, 1, 4, 0]);
+        // Hosts by name (arrival order kept for node2), the event last.
+        assert_eq!(batch_order(&writes), vec![2, 1, 3, 0]);
         // Events keep their arrival order, whatever their ids.
         let event = |id: &str| {
             Write::Event(NewEvent {
