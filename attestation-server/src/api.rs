@@ -2,7 +2,6 @@
 //! look up the expected state, call the verifier and store what it returns.
 
 use crate::audit;
-use crate::challenge;
 use crate::error::Error;
 use crate::store::{AttestationRecord, HostRecord, LogRecord, Recorded, UsedNonce};
 use crate::tls::{ClientIdentity, Peer, Role};
@@ -189,12 +188,16 @@ async fn challenge(
     rand::rngs::OsRng.fill_bytes(&mut random);
     let expires_at =
         (Utc::now() + Duration::seconds(st.config.challenge_ttl_secs as i64)).trunc_subsecs(0);
-    let nonce = st
-        .challenge_key
-        .issue(&host, expires_at, record.policy_generation, random);
+    let selection = needs.selection(&st.config.pcr_selection);
+    let nonce = st.challenge_key.issue(
+        &host,
+        expires_at,
+        &proto::wire::selection_from_map(&selection),
+        random,
+    );
     Ok(Json(Challenge {
         nonce: hex::encode(nonce),
-        pcr_selection: needs.selection(&st.config.pcr_selection),
+        pcr_selection: selection,
         expires_at,
         uefi_log: needs.uefi_log(),
         ima_from: needs.ima_from(
@@ -251,15 +254,16 @@ async fn evidence(
                 .store
                 .host_policy_at(&host, record.policy_generation)
                 .await?;
-            let issued = claims.map(|c| verify::IssuedChallenge {
-                // Same generation, same policy: the PCRs it asks for now are
-                // the ones the challenge asked for.
-                selection: (c.generation == challenge::generation_bits(record.policy_generation))
-                    .then(|| {
-                        let needs = verify::LogNeeds::of(&host_policy);
-                        proto::wire::selection_from_map(&needs.selection(&st.config.pcr_selection))
-                    }),
-                expires_at: c.expires_at,
+            let issued = claims.map(|c| {
+                // What this server would ask for now; if that is what the
+                // challenge asked for, the quote must cover exactly it.
+                let needs = verify::LogNeeds::of(&host_policy);
+                let now_asked =
+                    proto::wire::selection_from_map(&needs.selection(&st.config.pcr_selection));
+                verify::IssuedChallenge {
+                    selection: c.asked_for(&now_asked).then_some(now_asked),
+                    expires_at: c.expires_at,
+                }
             });
             used = claims.map(|c| UsedNonce {
                 nonce,

@@ -1,7 +1,7 @@
 //! Challenges that cost no database write.
 //!
-//! A nonce is a token the pool can check on its own: when it expires, the
-//! policy generation it was issued under, 8 random bytes, and a MAC over
+//! A nonce is a token the pool can check on its own: when it expires, a
+//! digest of the PCR selection it asks for, 8 random bytes, and a MAC over
 //! those and the host's name under a key every server of the pool shares
 //! (kept in the database, made by the first server to start). Issuing a
 //! challenge is then pure computation; the one write is made when evidence
@@ -10,12 +10,17 @@
 //!
 //! Layout (32 bytes, what the TPM quotes as qualifying data; real TPMs
 //! refuse more than a SHA-256 digest's size when SHA-256 is their largest
-//! bank): expiry as u32 Unix seconds, generation as u32 (its low bits),
-//! random, then HMAC-SHA256 truncated to 16 bytes. The MAC makes the nonce
-//! unpredictable to anyone without the key and binds it to one host.
+//! bank): expiry as u32 Unix seconds, the first 4 bytes of SHA-256 over
+//! the selection, random, then HMAC-SHA256 truncated to 16 bytes. The MAC
+//! makes the nonce unpredictable to anyone without the key and binds it to
+//! one host and one selection. The selection itself is not carried: the
+//! server that receives the evidence works out what it would ask for now
+//! and, if the digest matches, holds the quote to exactly that.
 
 use chrono::{DateTime, TimeZone, Utc};
+use proto::tpm::PcrSelection;
 use ring::hmac;
+use sha2::{Digest, Sha256};
 
 /// Bytes in a nonce.
 pub const NONCE_LEN: usize = 32;
@@ -36,13 +41,28 @@ impl std::fmt::Debug for ChallengeKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claims {
     pub expires_at: DateTime<Utc>,
-    /// The low 32 bits of the pool's policy generation at issue.
-    pub generation: u32,
+    selection: [u8; 4],
 }
 
-/// The low 32 bits a nonce carries of a policy generation.
-pub fn generation_bits(generation: i64) -> u32 {
-    generation as u32
+impl Claims {
+    /// Whether the challenge asked for `selection` (a policy or
+    /// configuration change since may have changed what is asked for).
+    pub fn asked_for(&self, selection: &PcrSelection) -> bool {
+        self.selection == selection_digest(selection)
+    }
+}
+
+/// The first bytes of SHA-256 over the selection's canonical form (banks
+/// in algorithm order, each with its PCR indices ascending).
+fn selection_digest(selection: &PcrSelection) -> [u8; 4] {
+    let mut h = Sha256::new();
+    for (alg, pcrs) in selection.normalized() {
+        h.update(alg.tpm_id().to_be_bytes());
+        h.update([pcrs.len() as u8]);
+        h.update(pcrs.iter().copied().collect::<Vec<u8>>());
+    }
+    let d = h.finalize();
+    [d[0], d[1], d[2], d[3]]
 }
 
 impl ChallengeKey {
@@ -60,18 +80,19 @@ impl ChallengeKey {
         ctx.sign()
     }
 
-    /// A nonce for `host`, expiring at `expires_at` (whole seconds).
+    /// A nonce for `host` asking for `selection`, expiring at `expires_at`
+    /// (whole seconds).
     pub fn issue(
         &self,
         host: &str,
         expires_at: DateTime<Utc>,
-        generation: i64,
+        selection: &PcrSelection,
         random: [u8; 8],
     ) -> [u8; NONCE_LEN] {
         let secs = u32::try_from(expires_at.timestamp().max(0)).unwrap_or(u32::MAX);
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..4].copy_from_slice(&secs.to_be_bytes());
-        nonce[4..8].copy_from_slice(&generation_bits(generation).to_be_bytes());
+        nonce[4..8].copy_from_slice(&selection_digest(selection));
         nonce[8..16].copy_from_slice(&random);
         let tag = self.tag(host, &nonce[..NONCE_LEN - TAG_LEN]);
         nonce[NONCE_LEN - TAG_LEN..].copy_from_slice(&tag.as_ref()[..TAG_LEN]);
@@ -91,10 +112,10 @@ impl ChallengeKey {
         if !crate::enroll::constant_time_eq(&expected.as_ref()[..TAG_LEN], tag) {
             return None;
         }
-        let word = |i: usize| u32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]]);
+        let secs = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
         Some(Claims {
-            expires_at: Utc.timestamp_opt(i64::from(word(0)), 0).single()?,
-            generation: word(4),
+            expires_at: Utc.timestamp_opt(i64::from(secs), 0).single()?,
+            selection: [body[4], body[5], body[6], body[7]],
         })
     }
 }
@@ -102,32 +123,46 @@ impl ChallengeKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::tpm::HashAlg;
 
     fn at(secs: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(secs, 0).single().unwrap()
     }
 
+    fn sel(pcrs: &[u8]) -> PcrSelection {
+        let map = [(HashAlg::Sha256, pcrs.to_vec())].into_iter().collect();
+        proto::wire::selection_from_map(&map)
+    }
+
     #[test]
     fn a_nonce_opens_for_its_host_under_its_key_only() {
         let key = ChallengeKey::new(&[7u8; 32]);
-        let nonce = hex::encode(key.issue("node1", at(1_800_000_000), 41, [1; 8]));
-        assert_eq!(
-            key.open("node1", &nonce),
-            Some(Claims {
-                expires_at: at(1_800_000_000),
-                generation: 41
-            })
-        );
+        let nonce = hex::encode(key.issue("node1", at(1_800_000_000), &sel(&[0, 7]), [1; 8]));
+        let claims = key.open("node1", &nonce).unwrap();
+        assert_eq!(claims.expires_at, at(1_800_000_000));
         assert_eq!(key.open("node2", &nonce), None, "bound to its host");
         assert_eq!(ChallengeKey::new(&[8u8; 32]).open("node1", &nonce), None);
         // Upper-case hex is the same nonce.
-        assert!(key.open("node1", &nonce.to_ascii_uppercase()).is_some());
+        assert_eq!(key.open("node1", &nonce.to_ascii_uppercase()), Some(claims));
+    }
+
+    #[test]
+    fn a_nonce_knows_the_selection_it_asked_for() {
+        let key = ChallengeKey::new(b"secret");
+        let nonce = hex::encode(key.issue("n", at(1_900_000_000), &sel(&[0, 7]), [0; 8]));
+        let claims = key.open("n", &nonce).unwrap();
+        assert!(claims.asked_for(&sel(&[7, 0])), "order does not matter");
+        assert!(!claims.asked_for(&sel(&[0])));
+        assert!(!claims.asked_for(&sel(&[0, 7, 10])));
+        let sha1: PcrSelection =
+            proto::wire::selection_from_map(&[(HashAlg::Sha1, vec![0, 7])].into_iter().collect());
+        assert!(!claims.asked_for(&sha1), "nor does the bank");
     }
 
     #[test]
     fn any_changed_byte_is_refused() {
         let key = ChallengeKey::new(b"secret");
-        let nonce = key.issue("n", at(1_900_000_000), 3, [9; 8]);
+        let nonce = key.issue("n", at(1_900_000_000), &sel(&[0]), [9; 8]);
         for i in 0..NONCE_LEN {
             let mut bad = nonce;
             bad[i] ^= 1;
@@ -146,22 +181,10 @@ mod tests {
     #[test]
     fn random_bytes_make_distinct_nonces() {
         let key = ChallengeKey::new(b"secret");
-        let a = key.issue("n", at(1_900_000_000), 3, [1; 8]);
-        let b = key.issue("n", at(1_900_000_000), 3, [2; 8]);
+        let a = key.issue("n", at(1_900_000_000), &sel(&[0]), [1; 8]);
+        let b = key.issue("n", at(1_900_000_000), &sel(&[0]), [2; 8]);
         assert_ne!(a, b);
         assert_ne!(a[16..], b[16..], "the tags differ too");
-    }
-
-    #[test]
-    fn generation_keeps_its_low_bits() {
-        let key = ChallengeKey::new(b"secret");
-        let g = (5_i64 << 32) + 12;
-        let nonce = hex::encode(key.issue("n", at(1_900_000_000), g, [0; 8]));
-        assert_eq!(
-            key.open("n", &nonce).map(|c| c.generation),
-            Some(generation_bits(g))
-        );
-        assert_eq!(generation_bits(g), 12);
     }
 
     #[test]

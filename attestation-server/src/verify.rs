@@ -361,9 +361,9 @@ impl Failure {
 /// `crate::challenge`), seen by the evidence it is used with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedChallenge {
-    /// The PCRs it asked for; `None` when a policy change since the
-    /// challenge may have changed them (the quote is then judged by what it
-    /// covers, against the policy as it is now).
+    /// The PCRs it asked for; `None` when they are not what this server
+    /// would ask for now (a policy change since the challenge): the quote
+    /// is then judged by what it covers, against the policy as it is now.
     pub selection: Option<PcrSelection>,
     pub expires_at: DateTime<Utc>,
 }
