@@ -438,3 +438,59 @@ async fn a_host_whose_evidence_keeps_being_refused_is_throttled() -> anyhow::Res
     host.genuine_round().await;
     Ok(())
 }
+
+/// Challenges are not stored: the nonce carries a digest of the PCRs it
+/// asked for. Evidence answering a challenge from before a policy change
+/// that changed what the server asks for is judged by what it quotes,
+/// against the policy as it is now; it is not refused for its selection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_from_before_a_policy_change_is_judged_by_what_it_quotes() -> anyhow::Result<()>
+{
+    let (pool, host, _swtpm, _swtpm2) = trusted_node1(|_| {}).await?;
+    let admin = pool.client("admin")?;
+    // A group whose boot policy makes challenges ask for PCR 14 and the log.
+    let _: serde_json::Value = admin
+        .post(
+            "/v1/whitelists",
+            &serde_json::json!({"name": "boot", "parts": {"platform": {"boot": {"version": 1, "bank": "sha256", "secure_boot": true}}}}),
+        )
+        .await?;
+    let _: serde_json::Value = admin
+        .put(
+            "/v1/groups/edge",
+            &serde_json::json!({"whitelists": ["boot"]}),
+        )
+        .await?;
+    let membership = |op: &str| serde_json::json!({ op: ["node1"] });
+    let _: serde_json::Value = admin
+        .post("/v1/groups/edge/hosts", &membership("add"))
+        .await?;
+    let ch = host.challenge().await;
+    assert!(
+        ch.pcr_selection[&HashAlg::Sha256].contains(&14),
+        "{:?}",
+        ch.pcr_selection
+    );
+    assert!(ch.uefi_log);
+
+    // Back to its own whitelist (PCRs 0-10) before the evidence arrives.
+    let _: serde_json::Value = admin
+        .post("/v1/groups/edge/hosts", &membership("remove"))
+        .await?;
+    let now_asked = host.challenge().await.pcr_selection;
+    assert!(!now_asked[&HashAlg::Sha256].contains(&14));
+    let v = host.submit(&host.evidence(&ch, None).await).await?;
+    assert_eq!(v.trust, Trust::Trusted, "{v:?}");
+
+    // While the policy stays as it is, the quote must cover exactly what
+    // was asked, as before.
+    let ch = host.challenge().await;
+    let more: proto::wire::PcrSelectionMap = [(HashAlg::Sha256, (0..=14).collect())]
+        .into_iter()
+        .collect();
+    let ev = host.evidence(&ch, Some(&more)).await;
+    expect_code(host.submit(&ev).await, 422, "pcr_selection_mismatch");
+    host.genuine_round().await;
+    pool.stop().await;
+    Ok(())
+}
