@@ -290,6 +290,14 @@ async fn evidence(
         Err(e) => Err(e),
     };
     let correlation_id = uuid::Uuid::new_v4().to_string();
+    let refusal = Refusal {
+        host: &host,
+        caller: &caller,
+        now,
+        trust_before,
+        started,
+        used: used.as_ref(),
+    };
     match result {
         Ok(mut verified) => {
             let mut epoch = record.policy_epoch;
@@ -321,14 +329,6 @@ async fn evidence(
                         let err = Error::Verification {
                             failure: Failure::Nonce(verify::NonceFailure::Replayed),
                         };
-                        let refusal = Refusal {
-                            host: &host,
-                            caller: &caller,
-                            now,
-                            trust_before,
-                            started,
-                            used: used.as_ref(),
-                        };
                         return refuse(&st, refusal, &correlation_id, err).await;
                     }
                 }
@@ -336,7 +336,7 @@ async fn evidence(
                 // genuine evidence again against the policy as it is now.
                 attempts += 1;
                 if attempts > 5 {
-                    return Err(Error::PolicyChanging { host });
+                    return Err(Error::PolicyChanging { host: host.clone() });
                 }
                 epoch = known_host(&st, &host).await?.policy_epoch;
                 let host_policy = st.store.host_policy(&host).await?;
@@ -355,17 +355,7 @@ async fn evidence(
             );
             Ok(Json(verified.verdict))
         }
-        Err(err) => {
-            let refusal = Refusal {
-                host: &host,
-                caller: &caller,
-                now,
-                trust_before,
-                started,
-                used: used.as_ref(),
-            };
-            refuse(&st, refusal, &correlation_id, err).await
-        }
+        Err(err) => refuse(&st, refusal, &correlation_id, err).await,
     }
 }
 
@@ -414,7 +404,7 @@ async fn refuse(
     );
     let ev = audit::attestation_event(&audit::Attestation {
         observer: &st.config.name,
-        host: host,
+        host,
         initiator: &caller.0.name,
         now,
         verdict: Some(&verdict),
