@@ -1674,7 +1674,7 @@ macro_rules! sql_store {
 
         /// Append events, in order, to the outbox and to their servers' hash
         /// chains, one INSERT per chunk. The first event of a server in a
-        /// transaction reads its chain head with an UPDATE, which takes the
+        /// transaction reads its chain head with an upsert, which takes the
         /// row lock, so concurrent appends queue up instead of forking the
         /// chain; later ones link to the head kept in `heads`, which
         /// [`save_heads`] writes back before commit.
@@ -1691,15 +1691,16 @@ macro_rules! sql_store {
                 let head = match heads.0.entry(meta.server.clone()) {
                     std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
                     std::collections::hash_map::Entry::Vacant(first) => {
-                        sqlx::query("INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) ON CONFLICT (server) DO NOTHING")
-                            .bind(&meta.server)
-                            .bind($crate::audit::chain::GENESIS)
-                            .execute(&mut **tx)
-                            .await?;
-                        let row = sqlx::query("UPDATE audit_chain_heads SET count = count WHERE server = $1 RETURNING seq, hash, count")
-                            .bind(&meta.server)
-                            .fetch_one(&mut **tx)
-                            .await?;
+                        // One statement makes the head if it is missing, or
+                        // takes its row lock, and reads it either way.
+                        let row = sqlx::query(
+                            "INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) \
+                             ON CONFLICT (server) DO UPDATE SET count = audit_chain_heads.count RETURNING seq, hash, count",
+                        )
+                        .bind(&meta.server)
+                        .bind($crate::audit::chain::GENESIS)
+                        .fetch_one(&mut **tx)
+                        .await?;
                         first.insert($crate::store::ChainHead {
                             server: meta.server.clone(),
                             seq: row.try_get("seq")?,
