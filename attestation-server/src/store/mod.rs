@@ -1850,7 +1850,7 @@ macro_rules! sql_store {
             use sqlx::Row;
             use std::collections::HashSet;
             let nonce_of = |i: usize| match &writes[i] {
-                Write::Attestation(a) => a.nonce.as_ref().map(|n| n.0.as_str()),
+                Write::Attestation(a) => a.nonce.as_ref().map(|n| n.nonce.as_str()),
                 _ => None,
             };
             let mut using: Vec<usize> = (0..writes.len()).filter(|&i| nonce_of(i).is_some()).collect();
@@ -1869,7 +1869,7 @@ macro_rules! sql_store {
                         "INSERT INTO challenges (nonce, host, selection, issued_at, expires_at, used_at) ",
                     );
                     qb.push_values(&rows, |mut row, &(host, n, at)| {
-                        row.push_bind(n.0.as_str()).push_bind(host).push_bind("").push_bind(at).push_bind(n.1).push_bind(at);
+                        row.push_bind(n.nonce.as_str()).push_bind(host).push_bind("").push_bind(at).push_bind(n.expires_at).push_bind(at);
                     });
                     qb.push(" ON CONFLICT (nonce) DO NOTHING RETURNING nonce");
                     let stored: HashSet<String> = qb
@@ -1883,7 +1883,7 @@ macro_rules! sql_store {
                     for &i in chunk {
                         if let Write::Attestation(a) = &writes[i] {
                             if let Some(n) = &a.nonce {
-                                if n.2 && !stored.contains(&n.0) {
+                                if n.exclusive && !stored.contains(&n.nonce) {
                                     done[i] = Written::NonceUsed;
                                 }
                             }
@@ -1992,7 +1992,7 @@ macro_rules! sql_store {
                 .iter()
                 .filter(|&&i| done[i] == Written::Recorded(false))
                 .filter_map(|&i| match &writes[i] {
-                    Write::Attestation(a) => a.nonce.as_ref().filter(|n| n.2).map(|n| n.0.as_str()),
+                    Write::Attestation(a) => a.nonce.as_ref().filter(|n| n.exclusive).map(|n| n.nonce.as_str()),
                     _ => None,
                 })
                 .collect();

@@ -65,8 +65,8 @@ pub(crate) enum Write {
 #[derive(Debug, Clone)]
 pub(crate) struct AttestationWrite {
     pub host: String,
-    /// The nonce used: (nonce, expires_at, exclusive), see [`super::UsedNonce`].
-    pub nonce: Option<(String, i64, bool)>,
+    /// The nonce used (see [`super::UsedNonce`]).
+    pub nonce: Option<NonceWrite>,
     /// See [`AttestationRecord::policy_epoch`].
     pub epoch: Option<i64>,
     pub last_pcrs: Option<String>,
@@ -82,14 +82,24 @@ pub(crate) struct AttestationWrite {
     pub events: Vec<NewEvent>,
 }
 
+/// A [`super::UsedNonce`], ready to bind.
+#[derive(Debug, Clone)]
+pub(crate) struct NonceWrite {
+    pub nonce: String,
+    pub expires_at: i64,
+    pub exclusive: bool,
+}
+
 impl AttestationWrite {
     pub(crate) fn new(host: &str, rec: &AttestationRecord<'_>, logs: &LogRecord<'_>) -> Self {
         let v = rec.verdict;
         AttestationWrite {
             host: host.to_string(),
-            nonce: rec
-                .nonce
-                .map(|n| (n.nonce.clone(), micros(n.expires_at), n.exclusive)),
+            nonce: rec.nonce.map(|n| NonceWrite {
+                nonce: n.nonce.clone(),
+                expires_at: micros(n.expires_at),
+                exclusive: n.exclusive,
+            }),
             epoch: rec.policy_epoch,
             last_pcrs: rec.verified_pcrs.map(to_json),
             clock: rec.clock.map(|c| {
