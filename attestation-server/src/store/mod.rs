@@ -25,6 +25,8 @@ use std::sync::Arc;
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored {what} of host {host} is unreadable: {detail}")]
@@ -271,6 +273,59 @@ pub struct Checkpoint {
 /// The chain heads one transaction has read and advanced, by server.
 #[derive(Debug, Default)]
 pub(crate) struct ChainHeads(pub(crate) HashMap<String, ChainHead>);
+
+/// Where one event goes in its server's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChainLink {
+    pub index: i64,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl ChainHeads {
+    /// The servers whose chains `metas` extend and whose heads this
+    /// transaction has not read yet, each once, in order of first use.
+    pub(crate) fn unread<'m>(&self, metas: &'m [crate::audit::chain::EventMeta]) -> Vec<&'m str> {
+        let mut servers: Vec<&str> = Vec::new();
+        for m in metas {
+            if !self.0.contains_key(&m.server) && !servers.contains(&m.server.as_str()) {
+                servers.push(&m.server);
+            }
+        }
+        servers
+    }
+
+    /// Link the events, in order, to their chains, advancing the heads;
+    /// `None` if a head was not read first (see [`Self::unread`]).
+    pub(crate) fn link(
+        &mut self,
+        metas: &[crate::audit::chain::EventMeta],
+    ) -> Option<Vec<ChainLink>> {
+        metas
+            .iter()
+            .map(|meta| {
+                let head = self.0.get_mut(&meta.server)?;
+                let index = head.count + 1;
+                let hash = crate::audit::chain::link(&head.hash, &meta.canonical);
+                let prev_hash = std::mem::replace(&mut head.hash, hash.clone());
+                head.count = index;
+                Some(ChainLink {
+                    index,
+                    prev_hash,
+                    hash,
+                })
+            })
+            .collect()
+    }
+
+    /// Sequence numbers grow with the rows of one INSERT: a head's seq is
+    /// the largest its server's events got.
+    pub(crate) fn saw(&mut self, server: &str, seq: i64) {
+        if let Some(head) = self.0.get_mut(server) {
+            head.seq = head.seq.max(seq);
+        }
+    }
+}
 
 /// The newest link of one server's chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -740,16 +795,101 @@ impl WriteGate {
     pub(crate) fn none() -> Self {
         WriteGate(None)
     }
-    /// True when this process's writes take turns here (SQLite, whose
-    /// writers lock the whole database): no row-lock order to keep.
-    pub(crate) fn serializes(&self) -> bool {
-        self.0.is_some()
+    /// [`Self::lock`] from a thread outside the runtime (the SQLite writer).
+    pub(crate) fn blocking_lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.0.as_ref().map(|m| m.blocking_lock())
     }
     pub(crate) async fn lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match &self.0 {
             Some(m) => Some(m.lock().await),
             None => None,
         }
+    }
+}
+
+/// One host's row with its verdict and the pool's policy generation
+/// ([`HostColumns::QUERY`], one parameter: the name), as stored; each
+/// backend reads it its own way, [`HostColumns::into_record`] decodes it.
+#[derive(Debug, Default)]
+pub(crate) struct HostColumns {
+    pub name: String,
+    pub registered_at: i64,
+    pub ak_public: Option<Vec<u8>>,
+    pub ak_name: Option<String>,
+    pub group_name: Option<String>,
+    pub last_pcrs: Option<String>,
+    pub ek_name: Option<String>,
+    pub ek_certified: bool,
+    pub ak_activated: bool,
+    pub rekey_allowed: bool,
+    pub clock: Option<i64>,
+    pub reset_count: Option<i64>,
+    pub restart_count: Option<i64>,
+    pub policy_epoch: i64,
+    pub ima_state: Option<String>,
+    pub last_uefi_log: Option<Vec<u8>>,
+    pub trust: Option<String>,
+    pub verified_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub reasons: Option<String>,
+    pub policy: Option<String>,
+    pub policy_generation: i64,
+}
+
+impl HostColumns {
+    /// Columns in the order of the fields above.
+    pub(crate) const QUERY: &'static str =
+        "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.group_name, h.last_pcrs, \
+         h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
+         h.policy_epoch, h.ima_state, h.last_uefi_log, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy, \
+         (SELECT generation FROM policy_generation WHERE id = 1) AS policy_generation \
+         FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1";
+
+    pub(crate) fn into_record(self, host: &str) -> Result<HostRecord, StoreError> {
+        let verdict = match &self.trust {
+            Some(t) => Some(verdict_from_parts(
+                host,
+                t,
+                self.verified_at.unwrap_or_default(),
+                self.expires_at.unwrap_or_default(),
+                self.reasons.as_deref().unwrap_or("[]"),
+                self.policy.as_deref(),
+            )?),
+            None => None,
+        };
+        let clock = match (self.clock, self.reset_count, self.restart_count) {
+            (Some(c), Some(r), Some(s)) => Some(ClockInfo {
+                clock: c as u64,
+                reset_count: r as u32,
+                restart_count: s as u32,
+                safe: true,
+            }),
+            _ => None,
+        };
+        Ok(HostRecord {
+            name: self.name,
+            registered_at: from_micros(self.registered_at),
+            ak_public: self.ak_public,
+            ak_name: self.ak_name,
+            group: self.group_name,
+            policy_epoch: self.policy_epoch,
+            policy_generation: self.policy_generation,
+            last_pcrs: self
+                .last_pcrs
+                .map(|p| from_json(host, "PCR values", &p))
+                .transpose()?,
+            verdict,
+            ek_name: self.ek_name,
+            ek_certified: self.ek_certified,
+            ak_activated: self.ak_activated,
+            rekey_allowed: self.rekey_allowed,
+            clock,
+            ima_state: self
+                .ima_state
+                .map(|s| from_json(host, "IMA state", &s))
+                .transpose()?,
+            last_uefi_log: self.last_uefi_log,
+        })
     }
 }
 
@@ -769,62 +909,7 @@ macro_rules! sql_store {
             }
 
             async fn host(&self, host: &str) -> Result<Option<$crate::store::HostRecord>, $crate::store::StoreError> {
-                use sqlx::Row;
-                let row = sqlx::query(
-                    "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.group_name, h.last_pcrs, \
-                     h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
-                     h.policy_epoch, h.ima_state, h.last_uefi_log, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy, \
-                     (SELECT generation FROM policy_generation WHERE id = 1) AS policy_generation \
-                     FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1",
-                )
-                .bind(host)
-                .fetch_optional(&self.pool)
-                .await?;
-                let Some(row) = row else { return Ok(None) };
-                let last_pcrs: Option<String> = row.try_get("last_pcrs")?;
-                let ima_state: Option<String> = row.try_get("ima_state")?;
-                let trust: Option<String> = row.try_get("trust")?;
-                let verdict = match trust {
-                    Some(t) => Some($crate::store::verdict_from_parts(
-                        host,
-                        &t,
-                        row.try_get("verified_at")?,
-                        row.try_get("expires_at")?,
-                        &row.try_get::<String, _>("reasons")?,
-                        row.try_get::<Option<String>, _>("policy")?.as_deref(),
-                    )?),
-                    None => None,
-                };
-                Ok(Some($crate::store::HostRecord {
-                    name: row.try_get("name")?,
-                    registered_at: $crate::store::from_micros(row.try_get("registered_at")?),
-                    ak_public: row.try_get("ak_public")?,
-                    ak_name: row.try_get("ak_name")?,
-                    group: row.try_get("group_name")?,
-                    policy_epoch: row.try_get("policy_epoch")?,
-                    policy_generation: row.try_get("policy_generation")?,
-                    last_pcrs: last_pcrs.map(|p| $crate::store::from_json(host, "PCR values", &p)).transpose()?,
-                    verdict,
-                    ek_name: row.try_get("ek_name")?,
-                    ek_certified: row.try_get("ek_certified")?,
-                    ak_activated: row.try_get("ak_activated")?,
-                    rekey_allowed: row.try_get("rekey_allowed")?,
-                    clock: match (
-                        row.try_get::<Option<i64>, _>("clock")?,
-                        row.try_get::<Option<i64>, _>("reset_count")?,
-                        row.try_get::<Option<i64>, _>("restart_count")?,
-                    ) {
-                        (Some(c), Some(r), Some(s)) => Some(proto::tpm::ClockInfo {
-                            clock: c as u64,
-                            reset_count: r as u32,
-                            restart_count: s as u32,
-                            safe: true,
-                        }),
-                        _ => None,
-                    },
-                    ima_state: ima_state.map(|s| $crate::store::from_json(host, "IMA state", &s)).transpose()?,
-                    last_uefi_log: row.try_get("last_uefi_log")?,
-                }))
+                self.host_columns(host).await?.map(|c| c.into_record(host)).transpose()
             }
 
             async fn host_for_ek(&self, ek_name: &str) -> Result<Option<String>, $crate::store::StoreError> {
@@ -1684,52 +1769,36 @@ macro_rules! sql_store {
             events: &[&$crate::store::NewEvent],
         ) -> Result<(), sqlx::Error> {
             use sqlx::Row;
-            // (meta, chain index, previous hash, hash) of each event.
-            let mut links = Vec::with_capacity(events.len());
-            for event in events {
-                let meta = $crate::audit::chain::EventMeta::of(&event.body);
-                let head = match heads.0.entry(meta.server.clone()) {
-                    std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(first) => {
-                        // One statement makes the head if it is missing, or
-                        // takes its row lock, and reads it either way.
-                        let row = sqlx::query(
-                            "INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) \
-                             ON CONFLICT (server) DO UPDATE SET count = audit_chain_heads.count RETURNING seq, hash, count",
-                        )
-                        .bind(&meta.server)
-                        .bind($crate::audit::chain::GENESIS)
-                        .fetch_one(&mut **tx)
-                        .await?;
-                        first.insert($crate::store::ChainHead {
-                            server: meta.server.clone(),
-                            seq: row.try_get("seq")?,
-                            hash: row.try_get("hash")?,
-                            count: row.try_get("count")?,
-                        })
-                    }
-                };
-                let index = head.count + 1;
-                let hash = $crate::audit::chain::link(&head.hash, &meta.canonical);
-                let prev = std::mem::replace(&mut head.hash, hash.clone());
-                head.count = index;
-                links.push((meta, index, prev, hash));
+            use $crate::store::writer::sql;
+            let metas: Vec<_> = events.iter().map(|e| $crate::audit::chain::EventMeta::of(&e.body)).collect();
+            for server in heads.unread(&metas) {
+                let row = sqlx::query(sql::CHAIN_HEAD)
+                    .bind(server)
+                    .bind($crate::audit::chain::GENESIS)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                heads.0.insert(server.to_string(), $crate::store::ChainHead {
+                    server: server.to_string(),
+                    seq: row.try_get("seq")?,
+                    hash: row.try_get("hash")?,
+                    count: row.try_get("count")?,
+                });
             }
-            let rows: Vec<_> = events.iter().zip(&links).collect();
+            let links = heads
+                .link(&metas)
+                .ok_or_else(|| sqlx::Error::Protocol("an audit chain head was not read".into()))?;
+            let rows: Vec<_> = events.iter().zip(metas.iter().zip(&links)).collect();
             for chunk in rows.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO events (id, event_time, host, body, server, chain_index, prev_hash, hash, action, outcome, \
-                     initiator_id, initiator_name, target_id, target_name) ",
-                );
-                qb.push_values(chunk, |mut row, (event, (meta, index, prev, hash))| {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(sql::EVENTS);
+                qb.push_values(chunk, |mut row, (event, (meta, link))| {
                     row.push_bind(event.id.as_str())
                         .push_bind($crate::store::micros(event.time))
                         .push_bind(event.host.as_deref())
                         .push_bind(event.body.as_str())
                         .push_bind(meta.server.as_str())
-                        .push_bind(*index)
-                        .push_bind(prev.as_str())
-                        .push_bind(hash.as_str())
+                        .push_bind(link.index)
+                        .push_bind(link.prev_hash.as_str())
+                        .push_bind(link.hash.as_str())
                         .push_bind(meta.action.as_str())
                         .push_bind(meta.outcome.as_str())
                         .push_bind(meta.initiator_id.as_str())
@@ -1737,15 +1806,9 @@ macro_rules! sql_store {
                         .push_bind(meta.target_id.as_str())
                         .push_bind(meta.target_name.as_str());
                 });
-                qb.push(" RETURNING seq, server");
-                // Sequence numbers grow with the rows of one INSERT: a head's
-                // seq is the largest its server's events got.
+                qb.push(sql::EVENTS_END);
                 for row in qb.build().persistent(chunk.len() == 1).fetch_all(&mut **tx).await? {
-                    let server: String = row.try_get("server")?;
-                    let seq: i64 = row.try_get("seq")?;
-                    if let Some(head) = heads.0.get_mut(&server) {
-                        head.seq = head.seq.max(seq);
-                    }
+                    heads.saw(&row.try_get::<String, _>("server")?, row.try_get("seq")?);
                 }
             }
             Ok(())
@@ -1754,7 +1817,7 @@ macro_rules! sql_store {
         /// Write back the chain heads that [`append_events`] advanced.
         async fn save_heads(tx: &mut sqlx::Transaction<'_, $db>, heads: &$crate::store::ChainHeads) -> Result<(), sqlx::Error> {
             for head in heads.0.values() {
-                sqlx::query("UPDATE audit_chain_heads SET seq = $1, hash = $2, count = $3 WHERE server = $4")
+                sqlx::query($crate::store::writer::sql::SAVE_HEAD)
                     .bind(head.seq)
                     .bind(&head.hash)
                     .bind(head.count)
@@ -1763,285 +1826,6 @@ macro_rules! sql_store {
                     .await?;
             }
             Ok(())
-        }
-
-        /// The writer task of group commit (see `store::writer`): takes the
-        /// queued writes in batches until every handle is dropped.
-        async fn write_loop(
-            pool: sqlx::Pool<$db>,
-            gate: std::sync::Arc<$crate::store::WriteGate>,
-            mut queue: tokio::sync::mpsc::Receiver<$crate::store::writer::Pending>,
-        ) {
-            use $crate::store::writer::{is_unavailable, MAX_BATCH};
-            let mut batch = Vec::with_capacity(MAX_BATCH);
-            while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let (writes, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-                match write_batch(&pool, &gate, &writes).await {
-                    Ok(done) => {
-                        for (reply, written) in replies.into_iter().zip(done) {
-                            let _ = reply.send(Ok(written));
-                        }
-                    }
-                    Err(e) if writes.len() > 1 && !is_unavailable(&e) => {
-                        // One write spoiled the batch: give each its own transaction.
-                        tracing::debug!(error = %e, writes = writes.len(), "batch failed; writing one by one");
-                        for (write, reply) in writes.into_iter().zip(replies) {
-                            let one = write_batch(&pool, &gate, std::slice::from_ref(&write)).await;
-                            let answer = match one {
-                                Ok(mut done) => done.pop().ok_or_else(|| {
-                                    $crate::store::StoreError::Unavailable("empty batch result".into())
-                                }),
-                                Err(e) => Err(e.into()),
-                            };
-                            let _ = reply.send(answer);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, writes = writes.len(), "batch of writes failed");
-                        let message = e.to_string();
-                        for reply in replies {
-                            let _ = reply.send(Err($crate::store::StoreError::Unavailable(message.clone())));
-                        }
-                    }
-                }
-            }
-        }
-
-        /// Lock the rows of `table` whose `column` is one of `keys`, in key
-        /// order (PostgreSQL): a multi-row UPDATE locks rows in whatever
-        /// order its plan visits them, and two transactions that lock the
-        /// same rows in different orders can deadlock. Every batch and every
-        /// policy change lock rows sorted, so none waits on another in a cycle.
-        async fn lock_rows<'k>(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            table: &str,
-            column: &str,
-            keys: impl Iterator<Item = &'k str>,
-        ) -> Result<(), sqlx::Error> {
-            let mut keys: Vec<&str> = keys.collect();
-            keys.sort_unstable();
-            keys.dedup();
-            if keys.len() < 2 {
-                return Ok(()); // one row: its UPDATE locks it
-            }
-            for chunk in keys.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT {column} FROM {table} WHERE {column} IN ("));
-                let mut list = qb.separated(", ");
-                for key in chunk {
-                    list.push_bind(*key);
-                }
-                qb.push(format!(") ORDER BY {column} FOR UPDATE"));
-                qb.build().persistent(false).execute(&mut *conn).await?;
-            }
-            Ok(())
-        }
-
-        /// The nonces the attestations of `writes` used, stored as used
-        /// (one INSERT per chunk, in nonce order: every batch takes these
-        /// row locks in one order). An exclusive use whose nonce was stored
-        /// before, by an earlier batch or earlier in this one, gets
-        /// `Written::NonceUsed` in `done` and stores nothing else.
-        async fn use_nonces(
-            conn: &mut <$db as sqlx::Database>::Connection,
-            writes: &[$crate::store::writer::Write],
-            done: &mut [$crate::store::writer::Written],
-        ) -> Result<(), sqlx::Error> {
-            use $crate::store::writer::{distinct_rounds, Write, Written, ROWS_PER_STATEMENT};
-            use sqlx::Row;
-            use std::collections::HashSet;
-            let nonce_of = |i: usize| match &writes[i] {
-                Write::Attestation(a) => a.nonce.as_ref().map(|n| n.nonce.as_str()),
-                _ => None,
-            };
-            let mut using: Vec<usize> = (0..writes.len()).filter(|&i| nonce_of(i).is_some()).collect();
-            // Stable: two uses of one nonce keep their arrival order, and the first wins.
-            using.sort_by(|&x, &y| nonce_of(x).cmp(&nonce_of(y)));
-            for round in distinct_rounds(&using, |i| nonce_of(i).unwrap_or_default()) {
-                for chunk in round.chunks(ROWS_PER_STATEMENT) {
-                    let rows: Vec<_> = chunk
-                        .iter()
-                        .filter_map(|&i| match &writes[i] {
-                            Write::Attestation(a) => a.nonce.as_ref().map(|n| (a.host.as_str(), n, a.verified_at)),
-                            _ => None,
-                        })
-                        .collect();
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO challenges (nonce, host, selection, issued_at, expires_at, used_at) ",
-                    );
-                    qb.push_values(&rows, |mut row, &(host, n, at)| {
-                        row.push_bind(n.nonce.as_str()).push_bind(host).push_bind("").push_bind(at).push_bind(n.expires_at).push_bind(at);
-                    });
-                    qb.push(" ON CONFLICT (nonce) DO NOTHING RETURNING nonce");
-                    let stored: HashSet<String> = qb
-                        .build()
-                        .persistent(rows.len() == 1)
-                        .fetch_all(&mut *conn)
-                        .await?
-                        .iter()
-                        .map(|r| r.try_get::<String, _>("nonce"))
-                        .collect::<Result<_, _>>()?;
-                    for &i in chunk {
-                        if let Write::Attestation(a) = &writes[i] {
-                            if let Some(n) = &a.nonce {
-                                if n.exclusive && !stored.contains(&n.nonce) {
-                                    done[i] = Written::NonceUsed;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            Ok(())
-        }
-
-        /// Apply `writes` in one transaction; the answers, in `writes`' order.
-        ///
-        /// One multi-row statement per kind of write (chunked at
-        /// [`ROWS_PER_STATEMENT`]), not one per write: every statement is a
-        /// round trip (to PostgreSQL, or to the thread sqlx runs a SQLite
-        /// connection on), and those round trips, not the SQL, were most of
-        /// the attestation path's cost (docs/benchmarks.md).
-        async fn write_batch(
-            pool: &sqlx::Pool<$db>,
-            gate: &$crate::store::WriteGate,
-            writes: &[$crate::store::writer::Write],
-        ) -> Result<Vec<$crate::store::writer::Written>, sqlx::Error> {
-            use $crate::store::writer::{
-                batch_order, distinct_rounds, Write, Written, ROWS_PER_STATEMENT,
-            };
-            use sqlx::Row;
-            use std::collections::{HashMap, HashSet};
-            let _gate = gate.lock().await;
-            let mut done = vec![Written::Done; writes.len()];
-            let mut tx = pool.begin().await?;
-            let mut heads = $crate::store::ChainHeads::default();
-            // Locks are taken in one order (used nonces by nonce, host rows
-            // by name, then verdicts and the chain head): see `batch_order`.
-            let order = batch_order(writes);
-            use_nonces(&mut tx, writes, &mut done).await?;
-
-            // Host rows: one UPDATE per round of distinct hosts checks each
-            // verdict's policy epoch (which locks the row) and sets every
-            // column that changes; a host twice in the batch is updated in
-            // a second round, in arrival order.
-            let mut touching = Vec::new();
-            for &i in &order {
-                if done[i] == Written::NonceUsed {
-                    continue;
-                }
-                if let Write::Attestation(a) = &writes[i] {
-                    if a.touches_host() {
-                        touching.push(i);
-                    } else {
-                        done[i] = Written::Recorded(true);
-                    }
-                }
-            }
-            let host_of = |i: usize| match &writes[i] {
-                Write::Attestation(a) => a.host.as_str(),
-                _ => "",
-            };
-            if !gate.serializes() {
-                lock_rows(&mut tx, "hosts", "name", touching.iter().map(|&i| host_of(i))).await?;
-            }
-            for round in distinct_rounds(&touching, host_of) {
-                let rows: Vec<_> = round
-                    .iter()
-                    .filter_map(|&i| match &writes[i] {
-                        Write::Attestation(a) => Some((i, a.as_ref())),
-                        _ => None,
-                    })
-                    .collect();
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "UPDATE hosts SET last_pcrs = COALESCE(v.column1, last_pcrs), clock = COALESCE(v.column2, clock), \
-                         reset_count = COALESCE(v.column3, reset_count), restart_count = COALESCE(v.column4, restart_count), \
-                         ima_state = COALESCE(v.column5, ima_state), last_uefi_log = COALESCE(v.column6, last_uefi_log) FROM (",
-                    );
-                    qb.push_values(chunk, |mut row, &(_, a)| {
-                        row.push_bind(a.last_pcrs.as_deref())
-                            .push_bind(a.clock.map(|c| c.0))
-                            .push_bind(a.clock.map(|c| c.1))
-                            .push_bind(a.clock.map(|c| c.2))
-                            .push_bind(a.ima_state.as_deref())
-                            .push_bind(a.uefi_log.as_deref())
-                            .push_bind(a.host.as_str())
-                            .push_bind(a.epoch);
-                    });
-                    qb.push(
-                        ") AS v WHERE hosts.name = v.column7 AND (v.column8 IS NULL OR hosts.policy_epoch = v.column8) \
-                         RETURNING name",
-                    );
-                    let updated: HashSet<String> = qb
-                        .build()
-                        .persistent(chunk.len() == 1)
-                        .fetch_all(&mut *tx)
-                        .await?
-                        .iter()
-                        .map(|r| r.try_get::<String, _>("name"))
-                        .collect::<Result<_, _>>()?;
-                    for &(i, a) in chunk {
-                        done[i] = Written::Recorded(a.epoch.is_none() || updated.contains(&a.host));
-                    }
-                }
-            }
-
-            // A verdict not stored for its policy epoch leaves its nonce
-            // unused: the evidence is judged again and stored with it.
-            let released: Vec<&str> = touching
-                .iter()
-                .filter(|&&i| done[i] == Written::Recorded(false))
-                .filter_map(|&i| match &writes[i] {
-                    Write::Attestation(a) => a.nonce.as_ref().filter(|n| n.exclusive).map(|n| n.nonce.as_str()),
-                    _ => None,
-                })
-                .collect();
-            for chunk in released.chunks(ROWS_PER_STATEMENT) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new("DELETE FROM challenges WHERE nonce IN (");
-                let mut list = qb.separated(", ");
-                for nonce in chunk {
-                    list.push_bind(*nonce);
-                }
-                qb.push(")");
-                qb.build().persistent(false).execute(&mut *tx).await?;
-            }
-
-            // Verdicts: the last recorded one of each host, one upsert; then
-            // the events, in batch order, one INSERT per chunk.
-            let mut last_verdict: HashMap<&str, &$crate::store::writer::AttestationWrite> = HashMap::new();
-            let mut events = Vec::new();
-            for &i in &order {
-                match &writes[i] {
-                    Write::Attestation(a) if done[i] == Written::Recorded(true) => {
-                        last_verdict.insert(a.host.as_str(), a);
-                        events.extend(a.events.iter());
-                    }
-                    Write::Event(event) => events.push(event),
-                    _ => {}
-                }
-            }
-            let mut verdicts: Vec<_> = last_verdict.into_values().collect();
-            verdicts.sort_by(|x, y| x.host.cmp(&y.host));
-            for chunk in verdicts.chunks(ROWS_PER_STATEMENT) {
-                let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) ");
-                qb.push_values(chunk, |mut row, a| {
-                    row.push_bind(a.host.as_str())
-                        .push_bind(a.trust)
-                        .push_bind(a.verified_at)
-                        .push_bind(a.expires_at)
-                        .push_bind(a.reasons.as_str())
-                        .push_bind(a.policy.as_deref());
-                });
-                qb.push(
-                    " ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
-                     expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy",
-                );
-                qb.build().persistent(chunk.len() == 1).execute(&mut *tx).await?;
-            }
-            append_events(&mut tx, &mut heads, &events).await?;
-            save_heads(&mut tx, &heads).await?;
-            tx.commit().await?;
-            Ok(done)
         }
 
         /// The columns of a whitelist version (name, version, body, deleted,

@@ -154,6 +154,127 @@ pub(crate) fn batch_order(writes: &[Write]) -> Vec<usize> {
     order
 }
 
+/// The attestation `writes[i]` is, if it is one.
+fn attestation(writes: &[Write], i: usize) -> Option<&AttestationWrite> {
+    match &writes[i] {
+        Write::Attestation(a) => Some(a),
+        Write::Event(_) => None,
+    }
+}
+
+/// The writes that use a nonce, sorted by nonce (stable: two uses of one
+/// nonce keep their arrival order, and the first wins), in rounds in which
+/// no nonce appears twice. Every batch inserts used nonces in this order.
+pub(crate) fn nonce_rounds(writes: &[Write]) -> Vec<Vec<usize>> {
+    let nonce_of = |i: usize| {
+        attestation(writes, i)
+            .and_then(|a| a.nonce.as_ref())
+            .map(|n| n.nonce.as_str())
+    };
+    let mut using: Vec<usize> = (0..writes.len())
+        .filter(|&i| nonce_of(i).is_some())
+        .collect();
+    using.sort_by(|&x, &y| nonce_of(x).cmp(&nonce_of(y)));
+    distinct_rounds(&using, |i| nonce_of(i).unwrap_or_default())
+}
+
+/// Once the used nonces are stored: the attestations (in batch order) whose
+/// host-row UPDATE decides whether they are recorded; those that change no
+/// host row are marked recorded here.
+pub(crate) fn host_updates(writes: &[Write], order: &[usize], done: &mut [Written]) -> Vec<usize> {
+    let mut updates = Vec::new();
+    for &i in order {
+        if done[i] == Written::NonceUsed {
+            continue;
+        }
+        if let Some(a) = attestation(writes, i) {
+            if a.touches_host() {
+                updates.push(i);
+            } else {
+                done[i] = Written::Recorded(true);
+            }
+        }
+    }
+    updates
+}
+
+/// The host a write updates ("" for an event).
+pub(crate) fn host_of(writes: &[Write], i: usize) -> &str {
+    attestation(writes, i).map_or("", |a| a.host.as_str())
+}
+
+/// The exclusive nonces of verdicts not stored for their policy epoch: the
+/// evidence is judged again and stored with its nonce, so it is released.
+pub(crate) fn released_nonces<'w>(
+    writes: &'w [Write],
+    updates: &[usize],
+    done: &[Written],
+) -> Vec<&'w str> {
+    updates
+        .iter()
+        .filter(|&&i| done[i] == Written::Recorded(false))
+        .filter_map(|&i| attestation(writes, i)?.nonce.as_ref())
+        .filter(|n| n.exclusive)
+        .map(|n| n.nonce.as_str())
+        .collect()
+}
+
+/// What the batch stores besides nonces and host rows: the last recorded
+/// verdict of each host (sorted by host, the lock order), and every event
+/// in batch order.
+pub(crate) fn stored<'w>(
+    writes: &'w [Write],
+    order: &[usize],
+    done: &[Written],
+) -> (Vec<&'w AttestationWrite>, Vec<&'w NewEvent>) {
+    let mut last: std::collections::HashMap<&str, &AttestationWrite> =
+        std::collections::HashMap::new();
+    let mut events = Vec::new();
+    for &i in order {
+        match &writes[i] {
+            Write::Attestation(a) if done[i] == Written::Recorded(true) => {
+                last.insert(a.host.as_str(), a);
+                events.extend(a.events.iter());
+            }
+            Write::Event(event) => events.push(event),
+            Write::Attestation(_) => {}
+        }
+    }
+    let mut verdicts: Vec<_> = last.into_values().collect();
+    verdicts.sort_by(|x, y| x.host.cmp(&y.host));
+    (verdicts, events)
+}
+
+/// Statements (or their fixed parts) both backends' batches run.
+pub(crate) mod sql {
+    pub const USE_NONCES: &str =
+        "INSERT INTO challenges (nonce, host, selection, issued_at, expires_at, used_at) ";
+    pub const USE_NONCES_END: &str = " ON CONFLICT (nonce) DO NOTHING RETURNING nonce";
+    pub const UPDATE_HOSTS: &str =
+        "UPDATE hosts SET last_pcrs = COALESCE(v.column1, last_pcrs), clock = COALESCE(v.column2, clock), \
+         reset_count = COALESCE(v.column3, reset_count), restart_count = COALESCE(v.column4, restart_count), \
+         ima_state = COALESCE(v.column5, ima_state), last_uefi_log = COALESCE(v.column6, last_uefi_log) FROM (";
+    pub const UPDATE_HOSTS_END: &str =
+        ") AS v WHERE hosts.name = v.column7 AND (v.column8 IS NULL OR hosts.policy_epoch = v.column8) \
+         RETURNING name";
+    pub const RELEASE_NONCES: &str = "DELETE FROM challenges WHERE nonce IN (";
+    pub const VERDICTS: &str =
+        "INSERT INTO verdicts (host, trust, verified_at, expires_at, reasons, policy) ";
+    pub const VERDICTS_END: &str =
+        " ON CONFLICT (host) DO UPDATE SET trust = excluded.trust, verified_at = excluded.verified_at, \
+         expires_at = excluded.expires_at, reasons = excluded.reasons, policy = excluded.policy";
+    /// Makes a chain head if it is missing, or takes its row lock, and reads it either way.
+    pub const CHAIN_HEAD: &str =
+        "INSERT INTO audit_chain_heads (server, seq, hash, count) VALUES ($1, 0, $2, 0) \
+         ON CONFLICT (server) DO UPDATE SET count = audit_chain_heads.count RETURNING seq, hash, count";
+    pub const SAVE_HEAD: &str =
+        "UPDATE audit_chain_heads SET seq = $1, hash = $2, count = $3 WHERE server = $4";
+    pub const EVENTS: &str =
+        "INSERT INTO events (id, event_time, host, body, server, chain_index, prev_hash, hash, action, outcome, \
+         initiator_id, initiator_name, target_id, target_name) ";
+    pub const EVENTS_END: &str = " RETURNING seq, server";
+}
+
 /// What a write answers once its batch committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Written {
@@ -164,7 +285,32 @@ pub(crate) enum Written {
     NonceUsed,
 }
 
-pub(crate) type Pending = (Write, oneshot::Sender<Result<Written, StoreError>>);
+pub(crate) type Reply = oneshot::Sender<Result<Written, StoreError>>;
+pub(crate) type Pending = (Write, Reply);
+
+/// Answer each write of a committed batch.
+pub(crate) fn answer(replies: Vec<Reply>, done: Vec<Written>) {
+    for (reply, written) in replies.into_iter().zip(done) {
+        let _ = reply.send(Ok(written));
+    }
+}
+
+/// The answer of a batch of one write.
+pub(crate) fn only(result: Result<Vec<Written>, StoreError>) -> Result<Written, StoreError> {
+    result.and_then(|mut done| {
+        done.pop()
+            .ok_or_else(|| StoreError::Unavailable("empty batch result".into()))
+    })
+}
+
+/// Fail every write of a batch that the database could not take now.
+pub(crate) fn fail(replies: Vec<Reply>, e: &dyn std::fmt::Display) {
+    tracing::warn!(error = %e, writes = replies.len(), "batch of writes failed");
+    let message = e.to_string();
+    for reply in replies {
+        let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+    }
+}
 
 /// The handle callers queue writes on; the writer task holds the other end.
 #[derive(Clone)]
