@@ -86,6 +86,11 @@ pub fn server_config(tls: &ServerTls) -> Result<rustls::ServerConfig, Error> {
     // was made with, so roles and identities are unchanged.
     config.ticketer =
         rustls::crypto::ring::Ticketer::new().map_err(|e| err("session ticketer", &e))?;
+    // One ticket per handshake, not rustls's default two: an agent holds
+    // one connection at a time and gets a fresh ticket on every resumption,
+    // and each ticket costs a key derivation and the encryption of the
+    // session with its client certificate (docs/benchmarks.md).
+    config.send_tls13_tickets = 1;
     Ok(config)
 }
 
