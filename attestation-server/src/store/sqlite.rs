@@ -420,3 +420,44 @@ impl Unzip3 for Option<(i64, i64, i64)> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_row_placeholders() {
+        assert_eq!(
+            values("INSERT INTO t (a, b) ", 1, 2),
+            "INSERT INTO t (a, b) VALUES (?, ?)"
+        );
+        assert_eq!(values("X ", 3, 1), "X VALUES (?), (?), (?)");
+    }
+
+    #[test]
+    fn unavailable_is_told_from_a_bad_write() {
+        let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_FULL,
+            rusqlite::ffi::SQLITE_IOERR_WRITE,
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_CANTOPEN,
+        ] {
+            assert!(is_unavailable(&failure(code)), "{code}");
+        }
+        assert!(!is_unavailable(&failure(
+            rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+        )));
+        assert!(!is_unavailable(&rusqlite::Error::QueryReturnedNoRows));
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_is_refused() {
+        // The pool and the attestation path's own connections would each
+        // see a database of their own.
+        let e = SqliteStore::connect("sqlite::memory:").await.err();
+        assert!(matches!(e, Some(StoreError::UnsupportedUrl(_))), "{e:?}");
+    }
+}
