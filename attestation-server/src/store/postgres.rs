@@ -153,13 +153,7 @@ async fn write_batch(pool: &PgPool, writes: &[Write]) -> Result<Vec<Written>, sq
     // batch or earlier in this one, stores nothing else.
     for round in writer::nonce_rounds(writes) {
         for chunk in round.chunks(ROWS_PER_STATEMENT) {
-            let rows: Vec<_> = chunk
-                .iter()
-                .filter_map(|&i| match &writes[i] {
-                    Write::Attestation(a) => a.nonce.as_ref().map(|n| (i, a.as_ref(), n)),
-                    Write::Event(_) => None,
-                })
-                .collect();
+            let rows = writer::nonce_uses(writes, chunk);
             let mut qb = sqlx::QueryBuilder::<Postgres>::new(sql::USE_NONCES);
             qb.push_values(&rows, |mut row, &(_, a, n)| {
                 row.push_bind(n.nonce.as_str())
@@ -200,13 +194,7 @@ async fn write_batch(pool: &PgPool, writes: &[Write]) -> Result<Vec<Written>, sq
     )
     .await?;
     for round in writer::distinct_rounds(&updates, host_of) {
-        let rows: Vec<_> = round
-            .iter()
-            .filter_map(|&i| match &writes[i] {
-                Write::Attestation(a) => Some((i, a.as_ref())),
-                Write::Event(_) => None,
-            })
-            .collect();
+        let rows = writer::attestations(writes, &round);
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut qb = sqlx::QueryBuilder::<Postgres>::new(sql::UPDATE_HOSTS);
             qb.push_values(chunk, |mut row, &(_, a)| {

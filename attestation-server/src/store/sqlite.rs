@@ -236,13 +236,7 @@ fn write_batch(conn: &mut Connection, writes: &[Write]) -> Result<Vec<Written>, 
     // batch or earlier in this one, stores nothing else.
     for round in writer::nonce_rounds(writes) {
         for chunk in round.chunks(ROWS_PER_STATEMENT) {
-            let rows: Vec<_> = chunk
-                .iter()
-                .filter_map(|&i| match &writes[i] {
-                    Write::Attestation(a) => a.nonce.as_ref().map(|n| (i, a.as_ref(), n)),
-                    Write::Event(_) => None,
-                })
-                .collect();
+            let rows = writer::nonce_uses(writes, chunk);
             let mut params: Vec<&dyn ToSql> = Vec::with_capacity(rows.len() * 6);
             for (_, a, n) in &rows {
                 params.extend([
@@ -271,13 +265,7 @@ fn write_batch(conn: &mut Connection, writes: &[Write]) -> Result<Vec<Written>, 
     // verdict's policy epoch and sets every column that changes.
     let updates = writer::host_updates(writes, &order, &mut done);
     for round in writer::distinct_rounds(&updates, |i| writer::host_of(writes, i)) {
-        let rows: Vec<_> = round
-            .iter()
-            .filter_map(|&i| match &writes[i] {
-                Write::Attestation(a) => Some((i, a.as_ref())),
-                Write::Event(_) => None,
-            })
-            .collect();
+        let rows = writer::attestations(writes, &round);
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let clocks: Vec<_> = chunk.iter().map(|(_, a)| a.clock.unzip3()).collect();
             let mut params: Vec<&dyn ToSql> = Vec::with_capacity(chunk.len() * 8);

@@ -162,6 +162,28 @@ fn attestation(writes: &[Write], i: usize) -> Option<&AttestationWrite> {
     }
 }
 
+/// The attestations among `indices`, each with its index.
+pub(crate) fn attestations<'w>(
+    writes: &'w [Write],
+    indices: &[usize],
+) -> Vec<(usize, &'w AttestationWrite)> {
+    indices
+        .iter()
+        .filter_map(|&i| Some((i, attestation(writes, i)?)))
+        .collect()
+}
+
+/// The nonce uses among `indices`: index, attestation, nonce.
+pub(crate) fn nonce_uses<'w>(
+    writes: &'w [Write],
+    indices: &[usize],
+) -> Vec<(usize, &'w AttestationWrite, &'w NonceWrite)> {
+    attestations(writes, indices)
+        .into_iter()
+        .filter_map(|(i, a)| Some((i, a, a.nonce.as_ref()?)))
+        .collect()
+}
+
 /// The writes that use a nonce, sorted by nonce (stable: two uses of one
 /// nonce keep their arrival order, and the first wins), in rounds in which
 /// no nonce appears twice. Every batch inserts used nonces in this order.
