@@ -1553,11 +1553,6 @@ impl LogNeeds {
     }
 }
 
-/// The selection a challenge asks for, in TPM form.
-pub fn challenge_selection(map: &wire::PcrSelectionMap) -> PcrSelection {
-    wire::selection_from_map(map)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
