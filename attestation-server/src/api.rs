@@ -189,12 +189,14 @@ async fn challenge(
     let expires_at =
         (Utc::now() + Duration::seconds(st.config.challenge_ttl_secs as i64)).trunc_subsecs(0);
     let selection = needs.selection(&st.config.pcr_selection);
-    let nonce = st.challenge_key.issue(
-        &host,
-        expires_at,
-        &proto::wire::selection_from_map(&selection),
-        random,
-    );
+    let nonce = challenge_keys(&st, record.challenge_key_generation)
+        .await?
+        .issue(
+            &host,
+            expires_at,
+            &proto::wire::selection_from_map(&selection),
+            random,
+        );
     Ok(Json(Challenge {
         nonce: hex::encode(nonce),
         pcr_selection: selection,
@@ -249,7 +251,9 @@ async fn evidence(
     let result = match body {
         Ok(Body(ev)) => {
             let nonce = ev.nonce.to_ascii_lowercase();
-            let claims = st.challenge_key.open(&host, &nonce);
+            let claims = challenge_keys(&st, record.challenge_key_generation)
+                .await?
+                .open(&host, &nonce);
             let host_policy = st
                 .store
                 .host_policy_at(&host, record.policy_generation)
@@ -357,6 +361,23 @@ async fn evidence(
         }
         Err(err) => refuse(&st, refusal, &correlation_id, err).await,
     }
+}
+
+/// The pool's challenge keys as of `generation` (read with the host's
+/// record): reloaded once after a rotation made on any server.
+async fn challenge_keys(
+    st: &AppState,
+    generation: i64,
+) -> Result<Arc<crate::challenge::KeyRing>, Error> {
+    let held = st.challenge_keys.get();
+    if held.generation >= generation {
+        return Ok(held);
+    }
+    let ring = Arc::new(crate::challenge::KeyRing::new(
+        &st.store.challenge_keys().await?,
+    ));
+    st.challenge_keys.offer(ring.clone());
+    Ok(ring)
 }
 
 /// Evidence being refused, and what its verdict is stored with.

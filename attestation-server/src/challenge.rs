@@ -120,6 +120,73 @@ impl ChallengeKey {
     }
 }
 
+/// The keys a server issues and opens nonces with: the pool's current key
+/// and, after a rotation, the one before it, whose nonces stay valid until
+/// they expire (`attestctl challenge-key rotate`).
+#[derive(Debug)]
+pub struct KeyRing {
+    pub generation: i64,
+    current: ChallengeKey,
+    previous: Option<ChallengeKey>,
+}
+
+impl KeyRing {
+    pub fn new(keys: &crate::store::ChallengeKeys) -> Self {
+        KeyRing {
+            generation: keys.generation,
+            current: ChallengeKey::new(&keys.current),
+            previous: keys.previous.as_deref().map(ChallengeKey::new),
+        }
+    }
+
+    /// See [`ChallengeKey::issue`]; always under the current key.
+    pub fn issue(
+        &self,
+        host: &str,
+        expires_at: DateTime<Utc>,
+        selection: &PcrSelection,
+        random: [u8; 8],
+    ) -> [u8; NONCE_LEN] {
+        self.current.issue(host, expires_at, selection, random)
+    }
+
+    /// See [`ChallengeKey::open`]: under the current key, else the previous.
+    pub fn open(&self, host: &str, nonce: &str) -> Option<Claims> {
+        self.current
+            .open(host, nonce)
+            .or_else(|| self.previous.as_ref()?.open(host, nonce))
+    }
+}
+
+/// The newest [`KeyRing`] this server has loaded, shared by its requests.
+#[derive(Debug)]
+pub struct PoolKeys(std::sync::RwLock<std::sync::Arc<KeyRing>>);
+
+impl PoolKeys {
+    pub fn new(ring: KeyRing) -> Self {
+        PoolKeys(std::sync::RwLock::new(std::sync::Arc::new(ring)))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<KeyRing> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Keep `ring` unless a newer generation is held already (two requests
+    /// may load keys at once, in either order).
+    pub fn offer(&self, ring: std::sync::Arc<KeyRing>) {
+        let mut held = self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ring.generation > held.generation {
+            *held = ring;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +199,48 @@ mod tests {
     fn sel(pcrs: &[u8]) -> PcrSelection {
         let map = [(HashAlg::Sha256, pcrs.to_vec())].into_iter().collect();
         proto::wire::selection_from_map(&map)
+    }
+
+    fn ring(generation: i64, current: u8, previous: Option<u8>) -> KeyRing {
+        KeyRing::new(&crate::store::ChallengeKeys {
+            generation,
+            current: vec![current; 32],
+            previous: previous.map(|p| vec![p; 32]),
+        })
+    }
+
+    #[test]
+    fn after_a_rotation_the_previous_keys_nonces_still_open_and_older_ones_do_not() {
+        let nonce = |r: &KeyRing| hex::encode(r.issue("h1", at(1_000), &sel(&[0, 7]), [5; 8]));
+        let first = ring(1, 1, None);
+        let second = ring(2, 2, Some(1));
+        let third = ring(3, 3, Some(2));
+        let issued_first = nonce(&first);
+        let issued_second = nonce(&second);
+        assert_ne!(issued_first, issued_second, "issued under the current key");
+        assert_eq!(
+            second.open("h1", &issued_first).map(|c| c.expires_at),
+            Some(at(1_000))
+        );
+        assert!(second.open("h1", &issued_second).is_some());
+        assert!(
+            second.open("h2", &issued_first).is_none(),
+            "still bound to its host"
+        );
+        assert!(third.open("h1", &issued_second).is_some());
+        assert!(
+            third.open("h1", &issued_first).is_none(),
+            "two rotations back: refused"
+        );
+    }
+
+    #[test]
+    fn a_server_keeps_the_newest_keys_it_loaded() {
+        let keys = PoolKeys::new(ring(2, 2, Some(1)));
+        keys.offer(std::sync::Arc::new(ring(1, 1, None)));
+        assert_eq!(keys.get().generation, 2, "an older load does not win");
+        keys.offer(std::sync::Arc::new(ring(3, 3, Some(2))));
+        assert_eq!(keys.get().generation, 3);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod challenge_key;
 pub mod check;
 pub mod eventlog;
 pub mod ima;
@@ -56,6 +57,9 @@ pub enum Command {
     /// IMA runtime measurement lists: offline verification.
     #[command(subcommand)]
     Ima(ima::ImaCommand),
+    /// The pool's challenge key: rotate it (reads the server's database).
+    #[command(subcommand)]
+    ChallengeKey(challenge_key::ChallengeKeyCommand),
     /// Load testing: a fleet of virtual hosts (software TPM keys) that
     /// enroll and attest through the real protocol; prints a JSON summary.
     Simulate(crate::simulate::SimulateArgs),
@@ -433,6 +437,9 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
         let r = check::run(cli.config.as_deref(), args).await;
         return Ok(serde_json::json!({"state": r.state.label(), "line": r.line}));
     }
+    if let Command::ChallengeKey(cmd) = &cli.command {
+        return challenge_key::run(cmd).await;
+    }
     if let Command::Audit(cmd) = &cli.command {
         if let Some(answer) = crate::audit::ctl::run_local(cmd).await? {
             return Ok(answer);
@@ -445,6 +452,7 @@ pub async fn run(cli: Cli) -> Result<serde_json::Value, CtlError> {
     let api = CtlConfig::load(&path)?.client()?;
     let value = match cli.command {
         Command::Init(_) | Command::Check(_) | Command::Simulate(_) => serde_json::Value::Null,
+        Command::ChallengeKey(_) => serde_json::Value::Null,
         Command::Ima(_) => serde_json::Value::Null,
         Command::Eventlog(_) | Command::Policy(_) => serde_json::Value::Null,
         Command::Audit(_) => api.get::<serde_json::Value>("/v1/audit/status").await?,

@@ -63,8 +63,9 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Hosts whose evidence keeps being refused.
     pub throttle: throttle::FailureThrottle,
-    /// Issues and checks challenge nonces; the same key on every server of the pool.
-    pub challenge_key: challenge::ChallengeKey,
+    /// Issue and check challenge nonces; the same keys on every server of
+    /// the pool (reloaded when a host record shows a newer generation).
+    pub challenge_keys: challenge::PoolKeys,
 }
 
 impl AppState {
@@ -85,7 +86,8 @@ impl AppState {
             .transpose()?
             .map(Arc::new);
         let store = store::open(&config.database_url.0).await?;
-        let challenge_key = challenge::ChallengeKey::new(&store.challenge_key().await?);
+        let challenge_keys =
+            challenge::PoolKeys::new(challenge::KeyRing::new(&store.challenge_keys().await?));
         let throttle = throttle::FailureThrottle::new(
             config.failure_burst,
             Duration::from_secs(config.failure_refill_secs),
@@ -102,7 +104,7 @@ impl AppState {
             push: Arc::new(push::Push::default()),
             metrics: metrics::Metrics::default(),
             throttle,
-            challenge_key,
+            challenge_keys,
         }))
     }
 }

@@ -296,14 +296,40 @@ async fn two_servers_one_database(url: &str) {
         .duration_trunc(Duration::microseconds(1))
         .unwrap();
     a.register_host("x1", now).await.unwrap();
-    let key = a.challenge_key().await.unwrap();
-    assert_eq!(key.len(), 32);
+    let key = a.challenge_keys().await.unwrap();
+    assert_eq!(key.current.len(), 32);
+    assert_eq!(key.previous, None);
     assert_eq!(
-        b.challenge_key().await.unwrap(),
+        b.challenge_keys().await.unwrap(),
         key,
         "one key for the pool"
     );
-    assert_eq!(a.challenge_key().await.unwrap(), key, "and it stays");
+    assert_eq!(a.challenge_keys().await.unwrap(), key, "and it stays");
+    // Every host record carries the keys' generation, so a rotation made
+    // through one server reaches the other on its next request.
+    let seen = |s: &std::sync::Arc<dyn store::Store>| {
+        let s = s.clone();
+        async move {
+            s.host("x1")
+                .await
+                .unwrap()
+                .unwrap()
+                .challenge_key_generation
+        }
+    };
+    assert_eq!(seen(&b).await, key.generation);
+    let rotated = a.rotate_challenge_key(&event("x1", 990)).await.unwrap();
+    assert_eq!(rotated.generation, key.generation + 1);
+    assert_eq!(rotated.previous.as_ref(), Some(&key.current));
+    assert_ne!(rotated.current, key.current);
+    assert_eq!(b.challenge_keys().await.unwrap(), rotated);
+    assert_eq!(seen(&b).await, rotated.generation);
+    let again = b.rotate_challenge_key(&event("x1", 991)).await.unwrap();
+    assert_eq!(
+        again.previous.as_ref(),
+        Some(&rotated.current),
+        "only one key back"
+    );
     let v = trusted_at("x1", now);
     let rec = |n: &'static UsedNonce| AttestationRecord {
         verdict: &v,

@@ -58,6 +58,9 @@ pub struct HostRecord {
     /// The pool-wide policy generation, read in the same statement as the
     /// rest of the record (see [`PolicyCache`]).
     pub policy_generation: i64,
+    /// The generation of the pool's challenge keys, read in the same
+    /// statement (see [`ChallengeKeys::generation`]).
+    pub challenge_key_generation: i64,
     /// PCR values of the last evidence that passed the integrity steps.
     pub last_pcrs: Option<PcrValues>,
     pub verdict: Option<HostTrust>,
@@ -88,6 +91,27 @@ pub struct UsedNonce {
     /// (else [`Recorded::NonceUsed`]); false: store it either way (the
     /// verdict refuses the evidence already).
     pub exclusive: bool,
+}
+
+/// The pool's challenge keys (see `crate::challenge`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChallengeKeys {
+    /// Grows by one with every rotation; every host record read carries it,
+    /// so each server notices a rotation on its next request.
+    pub generation: i64,
+    /// Issues nonces, and opens them.
+    pub current: Vec<u8>,
+    /// The key before the last rotation: still opens the nonces issued
+    /// under it, until they expire.
+    pub previous: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ChallengeKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChallengeKeys")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What `record_attestation` did.
@@ -372,7 +396,10 @@ pub trait Store: Send + Sync + 'static {
     async fn allow_rekey(&self, host: &str, event: &NewEvent) -> Result<bool, StoreError>;
     /// The pool's challenge key (see `crate::challenge`): made by the first
     /// server to ask, the same for every server of the pool after that.
-    async fn challenge_key(&self) -> Result<Vec<u8>, StoreError>;
+    async fn challenge_keys(&self) -> Result<ChallengeKeys, StoreError>;
+    /// Make a new challenge key current, keeping the current one as the
+    /// previous (see [`ChallengeKeys`]), with the event.
+    async fn rotate_challenge_key(&self, event: &NewEvent) -> Result<ChallengeKeys, StoreError>;
     /// Store a verdict and its event in one transaction (see [`Recorded`]
     /// for when nothing is stored).
     async fn record_attestation(
@@ -527,6 +554,13 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
             url.split('@').next_back().unwrap_or_default().to_string(),
         ))
     }
+}
+
+/// 32 random bytes for a new challenge key.
+pub(crate) fn fresh_challenge_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut key);
+    key
 }
 
 pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
@@ -834,6 +868,7 @@ pub(crate) struct HostColumns {
     pub reasons: Option<String>,
     pub policy: Option<String>,
     pub policy_generation: i64,
+    pub challenge_key_generation: i64,
 }
 
 impl HostColumns {
@@ -842,7 +877,8 @@ impl HostColumns {
         "SELECT h.name, h.registered_at, h.ak_public, h.ak_name, h.group_name, h.last_pcrs, \
          h.ek_name, h.ek_certified, h.ak_activated, h.rekey_allowed, h.clock, h.reset_count, h.restart_count, \
          h.policy_epoch, h.ima_state, h.last_uefi_log, v.trust, v.verified_at, v.expires_at, v.reasons, v.policy, \
-         (SELECT generation FROM policy_generation WHERE id = 1) AS policy_generation \
+         (SELECT generation FROM policy_generation WHERE id = 1) AS policy_generation, \
+         COALESCE((SELECT generation FROM challenge_key WHERE id = 1), 0) AS challenge_key_generation \
          FROM hosts h LEFT JOIN verdicts v ON v.host = h.name WHERE h.name = $1";
 
     pub(crate) fn into_record(self, host: &str) -> Result<HostRecord, StoreError> {
@@ -874,6 +910,7 @@ impl HostColumns {
             group: self.group_name,
             policy_epoch: self.policy_epoch,
             policy_generation: self.policy_generation,
+            challenge_key_generation: self.challenge_key_generation,
             last_pcrs: self
                 .last_pcrs
                 .map(|p| from_json(host, "PCR values", &p))
@@ -1057,19 +1094,48 @@ macro_rules! sql_store {
                 Ok(true)
             }
 
-            async fn challenge_key(&self) -> Result<Vec<u8>, $crate::store::StoreError> {
+            async fn challenge_keys(&self) -> Result<$crate::store::ChallengeKeys, $crate::store::StoreError> {
                 use sqlx::Row;
                 // Whoever inserts first sets the key; everyone reads that one.
-                let mut fresh = [0u8; 32];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
                 sqlx::query("INSERT INTO challenge_key (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
-                    .bind(fresh.as_slice())
+                    .bind($crate::store::fresh_challenge_key().as_slice())
                     .execute(&self.pool)
                     .await?;
-                let row = sqlx::query("SELECT secret FROM challenge_key WHERE id = 1")
+                let row = sqlx::query("SELECT generation, secret, previous FROM challenge_key WHERE id = 1")
                     .fetch_one(&self.pool)
                     .await?;
-                Ok(row.try_get::<Vec<u8>, _>("secret")?)
+                Ok($crate::store::ChallengeKeys {
+                    generation: row.try_get("generation")?,
+                    current: row.try_get("secret")?,
+                    previous: row.try_get("previous")?,
+                })
+            }
+
+            async fn rotate_challenge_key(&self, event: &$crate::store::NewEvent) -> Result<$crate::store::ChallengeKeys, $crate::store::StoreError> {
+                use sqlx::Row;
+                let _gate = self.gate.lock().await;
+                let mut tx = self.pool.begin().await?;
+                // A pool whose servers never started has no key yet: the
+                // first becomes the previous one at once, which harms nothing.
+                sqlx::query("INSERT INTO challenge_key (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
+                    .bind($crate::store::fresh_challenge_key().as_slice())
+                    .execute(&mut *tx)
+                    .await?;
+                let row = sqlx::query(
+                    "UPDATE challenge_key SET previous = secret, secret = $1, generation = generation + 1 \
+                     WHERE id = 1 RETURNING generation, secret, previous",
+                )
+                .bind($crate::store::fresh_challenge_key().as_slice())
+                .fetch_one(&mut *tx)
+                .await?;
+                let keys = $crate::store::ChallengeKeys {
+                    generation: row.try_get("generation")?,
+                    current: row.try_get("secret")?,
+                    previous: row.try_get("previous")?,
+                };
+                insert_event(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(keys)
             }
 
             async fn record_attestation_with_logs(&self, host: &str, rec: $crate::store::AttestationRecord<'_>, logs: $crate::store::LogRecord<'_>) -> Result<$crate::store::Recorded, $crate::store::StoreError> {

@@ -67,6 +67,7 @@ impl PgStore {
             reasons: r.try_get(19)?,
             policy: r.try_get(20)?,
             policy_generation: r.try_get(21)?,
+            challenge_key_generation: r.try_get(22)?,
         }))
     }
 }

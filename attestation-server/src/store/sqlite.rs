@@ -169,6 +169,7 @@ fn read_host(conn: &Connection, host: &str) -> Result<Option<HostColumns>, rusql
             reasons: r.get(19)?,
             policy: r.get(20)?,
             policy_generation: r.get(21)?,
+            challenge_key_generation: r.get(22)?,
         })
     })
     .optional()

@@ -1,0 +1,5 @@
+-- Rotation of the challenge key (`attestctl challenge-key rotate`): the
+-- key before the current one still opens the nonces issued under it until
+-- they expire; `generation` tells every server of the pool to reload.
+ALTER TABLE challenge_key ADD COLUMN previous BYTEA;
+ALTER TABLE challenge_key ADD COLUMN generation BIGINT NOT NULL DEFAULT 1;
