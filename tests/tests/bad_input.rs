@@ -494,3 +494,30 @@ async fn a_challenge_from_before_a_policy_change_is_judged_by_what_it_quotes() -
     pool.stop().await;
     Ok(())
 }
+
+/// A challenge issued before the pool's key was rotated is still answered
+/// (the previous key opens it until it expires); one issued two rotations
+/// back is refused as unknown, and the host stays trusted by what it sends
+/// next. The server picks each rotation up from the database by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_from_before_a_key_rotation_is_still_answered() -> anyhow::Result<()> {
+    use attestation_server::ctl::challenge_key::{run, ChallengeKeyCommand};
+    let (pool, host, _swtpm, _swtpm2) = trusted_node1(|_| {}).await?;
+    let rotate = ChallengeKeyCommand::Rotate {
+        server_config: pool.path("server.toml"),
+    };
+    let ch = host.challenge().await;
+    let evidence = host.evidence(&ch, None).await;
+    run(&rotate).await?;
+    let v = host.submit(&evidence).await?;
+    assert_eq!(v.trust, Trust::Trusted, "{v:?}");
+
+    let ch = host.challenge().await;
+    let evidence = host.evidence(&ch, None).await;
+    run(&rotate).await?;
+    run(&rotate).await?;
+    expect_code(host.submit(&evidence).await, 422, "nonce_unknown");
+    host.genuine_round().await;
+    pool.stop().await;
+    Ok(())
+}

@@ -117,3 +117,59 @@ async fn simulated_fleet_enrolls_and_attests_with_expected_verdicts() -> anyhow:
     pool.stop().await;
     Ok(())
 }
+
+/// Rotating the pool's challenge key (`attestctl challenge-key rotate`)
+/// while the fleet attests refuses no honest host: nonces issued just
+/// before stay valid under the previous key, and the server loads the new
+/// key from the database by itself (no restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_challenge_key_under_load_refuses_no_honest_host() -> anyhow::Result<()> {
+    use attestation_server::ctl::challenge_key::{run, ChallengeKeyCommand};
+    let pool = Pool::start(&[], 5, |c| {
+        let dir = c.tls.cert.parent().expect("pool dir").to_path_buf();
+        let ek_ca = simulate::fleet::ensure_ek_ca(&dir).expect("EK CA");
+        c.ek_ca = vec![ek_ca];
+    })
+    .await?;
+    let honest_only = |duration| SimulateArgs {
+        tampered: 0.0,
+        garbage: 0.0,
+        ..args(&pool, 6, duration)
+    };
+    let before = pool.state.challenge_keys.get().generation;
+    let first = simulate::run(&honest_only(1.0)).await?;
+    assert_eq!(first.by_kind["honest"].errors, 0, "{:?}", first.errors);
+
+    let rotate = ChallengeKeyCommand::Rotate {
+        server_config: pool.path("server.toml"),
+    };
+    let during_args = honest_only(3.0);
+    let fleet = simulate::run(&during_args);
+    let rotation = async {
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        run(&rotate).await
+    };
+    let (during, rotated) = tokio::join!(fleet, rotation);
+    let (during, rotated) = (during?, rotated?);
+    assert_eq!(rotated["generation"], serde_json::json!(before + 1));
+    let honest = &during.by_kind["honest"];
+    assert_eq!(
+        (honest.errors, honest.untrusted, honest.unexpected),
+        (0, 0, 0),
+        "{:?}",
+        during.errors
+    );
+    assert!(honest.trusted >= 2 * 6, "{honest:?}");
+    // The server noticed the rotation through the host records it read.
+    assert_eq!(pool.state.challenge_keys.get().generation, before + 1);
+    // And the rotation is in the audit trail.
+    let events = pool.audit_events().await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"]["reasonCode"] == "challenge_key_rotated"),
+        "no rotation event"
+    );
+    pool.stop().await;
+    Ok(())
+}
