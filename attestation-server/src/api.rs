@@ -375,6 +375,7 @@ async fn challenge_keys(
     }
     let ring = Arc::new(crate::challenge::KeyRing::new(
         &st.store.challenge_keys().await?,
+        Duration::seconds(st.config.challenge_ttl_secs as i64),
     ));
     st.challenge_keys.offer(ring.clone());
     Ok(ring)

@@ -127,15 +127,23 @@ impl ChallengeKey {
 pub struct KeyRing {
     pub generation: i64,
     current: ChallengeKey,
-    previous: Option<ChallengeKey>,
+    /// The previous key, and the latest expiry a nonce it issued can have:
+    /// one challenge TTL after the rotation. Whoever holds a leaked key can
+    /// put any expiry in the nonces they mint; this bounds them.
+    previous: Option<(ChallengeKey, DateTime<Utc>)>,
 }
 
 impl KeyRing {
-    pub fn new(keys: &crate::store::ChallengeKeys) -> Self {
+    /// `ttl`: how long this server's challenges are valid.
+    pub fn new(keys: &crate::store::ChallengeKeys, ttl: chrono::Duration) -> Self {
+        let previous = match (&keys.previous, keys.rotated_at) {
+            (Some(key), Some(at)) => Some((ChallengeKey::new(key), at + ttl)),
+            _ => None,
+        };
         KeyRing {
             generation: keys.generation,
             current: ChallengeKey::new(&keys.current),
-            previous: keys.previous.as_deref().map(ChallengeKey::new),
+            previous,
         }
     }
 
@@ -150,11 +158,14 @@ impl KeyRing {
         self.current.issue(host, expires_at, selection, random)
     }
 
-    /// See [`ChallengeKey::open`]: under the current key, else the previous.
+    /// See [`ChallengeKey::open`]: under the current key, else under the
+    /// previous one if it could have issued the nonce before the rotation.
     pub fn open(&self, host: &str, nonce: &str) -> Option<Claims> {
-        self.current
-            .open(host, nonce)
-            .or_else(|| self.previous.as_ref()?.open(host, nonce))
+        self.current.open(host, nonce).or_else(|| {
+            let (key, latest_expiry) = self.previous.as_ref()?;
+            key.open(host, nonce)
+                .filter(|c| c.expires_at <= *latest_expiry)
+        })
     }
 }
 
@@ -201,12 +212,17 @@ mod tests {
         proto::wire::selection_from_map(&map)
     }
 
+    /// Rotated at 900 s, with a 100 s challenge TTL.
     fn ring(generation: i64, current: u8, previous: Option<u8>) -> KeyRing {
-        KeyRing::new(&crate::store::ChallengeKeys {
-            generation,
-            current: vec![current; 32],
-            previous: previous.map(|p| vec![p; 32]),
-        })
+        KeyRing::new(
+            &crate::store::ChallengeKeys {
+                generation,
+                current: vec![current; 32],
+                previous: previous.map(|p| vec![p; 32]),
+                rotated_at: previous.map(|_| at(900)),
+            },
+            chrono::Duration::seconds(100),
+        )
     }
 
     #[test]
@@ -232,6 +248,11 @@ mod tests {
             third.open("h1", &issued_first).is_none(),
             "two rotations back: refused"
         );
+        // A nonce the previous key "issued" with an expiry later than the
+        // rotation could have given it was minted with a leaked key.
+        let minted = hex::encode(first.issue("h1", at(1_001), &sel(&[0, 7]), [5; 8]));
+        assert!(first.open("h1", &minted).is_some());
+        assert!(second.open("h1", &minted).is_none());
     }
 
     #[test]

@@ -86,8 +86,10 @@ impl AppState {
             .transpose()?
             .map(Arc::new);
         let store = store::open(&config.database_url.0).await?;
-        let challenge_keys =
-            challenge::PoolKeys::new(challenge::KeyRing::new(&store.challenge_keys().await?));
+        let challenge_keys = challenge::PoolKeys::new(challenge::KeyRing::new(
+            &store.challenge_keys().await?,
+            chrono::Duration::seconds(config.challenge_ttl_secs as i64),
+        ));
         let throttle = throttle::FailureThrottle::new(
             config.failure_burst,
             Duration::from_secs(config.failure_refill_secs),

@@ -298,7 +298,7 @@ async fn two_servers_one_database(url: &str) {
     a.register_host("x1", now).await.unwrap();
     let key = a.challenge_keys().await.unwrap();
     assert_eq!(key.current.len(), 32);
-    assert_eq!(key.previous, None);
+    assert_eq!((&key.previous, key.rotated_at), (&None, None));
     assert_eq!(
         b.challenge_keys().await.unwrap(),
         key,
@@ -322,6 +322,9 @@ async fn two_servers_one_database(url: &str) {
     assert_eq!(rotated.generation, key.generation + 1);
     assert_eq!(rotated.previous.as_ref(), Some(&key.current));
     assert_ne!(rotated.current, key.current);
+    assert!(rotated
+        .rotated_at
+        .is_some_and(|t| (t - Utc::now()).num_seconds().abs() < 60));
     assert_eq!(b.challenge_keys().await.unwrap(), rotated);
     assert_eq!(seen(&b).await, rotated.generation);
     let again = b.rotate_challenge_key(&event("x1", 991)).await.unwrap();

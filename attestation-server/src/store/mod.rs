@@ -104,6 +104,8 @@ pub struct ChallengeKeys {
     /// The key before the last rotation: still opens the nonces issued
     /// under it, until they expire.
     pub previous: Option<Vec<u8>>,
+    /// When the last rotation was made.
+    pub rotated_at: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Debug for ChallengeKeys {
@@ -1101,13 +1103,14 @@ macro_rules! sql_store {
                     .bind($crate::store::fresh_challenge_key().as_slice())
                     .execute(&self.pool)
                     .await?;
-                let row = sqlx::query("SELECT generation, secret, previous FROM challenge_key WHERE id = 1")
+                let row = sqlx::query("SELECT generation, secret, previous, rotated_at FROM challenge_key WHERE id = 1")
                     .fetch_one(&self.pool)
                     .await?;
                 Ok($crate::store::ChallengeKeys {
                     generation: row.try_get("generation")?,
                     current: row.try_get("secret")?,
                     previous: row.try_get("previous")?,
+                    rotated_at: row.try_get::<Option<i64>, _>("rotated_at")?.map($crate::store::from_micros),
                 })
             }
 
@@ -1122,16 +1125,18 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                 let row = sqlx::query(
-                    "UPDATE challenge_key SET previous = secret, secret = $1, generation = generation + 1 \
-                     WHERE id = 1 RETURNING generation, secret, previous",
+                    "UPDATE challenge_key SET previous = secret, secret = $1, generation = generation + 1, rotated_at = $2 \
+                     WHERE id = 1 RETURNING generation, secret, previous, rotated_at",
                 )
                 .bind($crate::store::fresh_challenge_key().as_slice())
+                .bind($crate::store::micros(event.time))
                 .fetch_one(&mut *tx)
                 .await?;
                 let keys = $crate::store::ChallengeKeys {
                     generation: row.try_get("generation")?,
                     current: row.try_get("secret")?,
                     previous: row.try_get("previous")?,
+                    rotated_at: row.try_get::<Option<i64>, _>("rotated_at")?.map($crate::store::from_micros),
                 };
                 insert_event(&mut tx, event).await?;
                 tx.commit().await?;
