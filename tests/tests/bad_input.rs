@@ -518,6 +518,7 @@ async fn a_challenge_from_before_a_key_rotation_is_still_answered() -> anyhow::R
     run(&rotate).await?;
     expect_code(host.submit(&evidence).await, 422, "nonce_unknown");
     host.genuine_round().await;
-    pool.stop().await;
+    // The rotation events go through the CADF conformance check too.
+    pool.stop_and_dump_cadf("challenge_key_rotation").await?;
     Ok(())
 }
