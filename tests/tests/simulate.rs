@@ -27,15 +27,19 @@ fn args(pool: &Pool, hosts: usize, duration: f64) -> SimulateArgs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulated_fleet_enrolls_and_attests_with_expected_verdicts() -> anyhow::Result<()> {
-    // The server must trust the simulator's EK CA, made in the pool directory.
-    let pool = Pool::start(&[], 5, |c| {
+/// A pool whose server trusts the simulator's EK CA (made in the pool directory).
+async fn sim_pool() -> anyhow::Result<Pool> {
+    Pool::start(&[], 5, |c| {
         let dir = c.tls.cert.parent().expect("pool dir").to_path_buf();
         let ek_ca = simulate::fleet::ensure_ek_ca(&dir).expect("EK CA");
         c.ek_ca = vec![ek_ca];
     })
-    .await?;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_fleet_enrolls_and_attests_with_expected_verdicts() -> anyhow::Result<()> {
+    let pool = sim_pool().await?;
     let hosts = 20;
     let s = simulate::run(&args(&pool, hosts, 3.5)).await?;
     eprintln!("{}", serde_json::to_string_pretty(&s)?);
@@ -125,12 +129,7 @@ async fn simulated_fleet_enrolls_and_attests_with_expected_verdicts() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_the_challenge_key_under_load_refuses_no_honest_host() -> anyhow::Result<()> {
     use attestation_server::ctl::challenge_key::{run, ChallengeKeyCommand};
-    let pool = Pool::start(&[], 5, |c| {
-        let dir = c.tls.cert.parent().expect("pool dir").to_path_buf();
-        let ek_ca = simulate::fleet::ensure_ek_ca(&dir).expect("EK CA");
-        c.ek_ca = vec![ek_ca];
-    })
-    .await?;
+    let pool = sim_pool().await?;
     let honest_only = |duration| SimulateArgs {
         tampered: 0.0,
         garbage: 0.0,
