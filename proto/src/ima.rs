@@ -367,8 +367,41 @@ impl Padded {
     }
 }
 
+/// The second block of SHA-256 over exactly 64 bytes: padding only
+/// (0x80, zeros, the bit length 512).
+const SHA256_PAD_64: [u8; 64] = {
+    let mut b = [0u8; 64];
+    b[0] = 0x80;
+    b[62] = 0x02;
+    b
+};
+
 /// Extend `pcr` (of `alg`) with `value`.
 fn extend(alg: HashAlg, pcr: &DigestBytes, value: &DigestBytes) -> DigestBytes {
+    if alg == HashAlg::Sha256 && pcr.len == 32 && value.len == 32 {
+        // The common case (one extend per entry): pcr || value is exactly
+        // one block, and the second is constant, so nothing is padded.
+        use sha2::digest::generic_array::GenericArray;
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(&pcr.buf[..32]);
+        block[32..].copy_from_slice(&value.buf[..32]);
+        let mut st = SHA256_H0;
+        sha2::compress256(
+            &mut st,
+            &[
+                *GenericArray::from_slice(&block),
+                *GenericArray::from_slice(&SHA256_PAD_64),
+            ],
+        );
+        let mut out = DigestBytes {
+            len: 32,
+            buf: [0; 64],
+        };
+        for (o, w) in out.buf.chunks_exact_mut(4).zip(st) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        return out;
+    }
     digest(alg, &[pcr.as_slice(), value.as_slice()])
 }
 
