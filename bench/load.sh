@@ -48,10 +48,12 @@ sample_rss() {
 max_of() { sort -n "$1" | tail -1; }
 # The server's CPU time so far (user + system), in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# Bytes the server handed to write(2)/pwrite(2) (sockets included).
+wchar() { awk '/^wchar/ {print $2}' "/proc/$1/io" 2>/dev/null || echo 0; }
 TICK_HZ=$(getconf CLK_TCK)
 
 emit() { # phase backend json-from-simulate extra-json
-    python3 -c 'import json,sys; d=json.loads(sys.argv[3]); d.update(json.loads(sys.argv[4])); d["phase"]=sys.argv[1]; n=d.get("attestations") or 0; d.update({"server_cpu_us_per_attestation": round(d["server_cpu_ms"]*1000/n)} if "server_cpu_ms" in d and n else {}); d["backend"]=sys.argv[2]; print(json.dumps(d))' "$@"
+    python3 -c 'import json,sys; d=json.loads(sys.argv[3]); d.update(json.loads(sys.argv[4])); d["phase"]=sys.argv[1]; n=d.get("attestations") or 0; d.update({"server_cpu_us_per_attestation": round(d["server_cpu_ms"]*1000/n)} if "server_cpu_ms" in d and n else {}); d.update({"server_written_bytes_per_attestation": round(d["server_written_bytes"]/n)} if "server_written_bytes" in d and n else {}); d["backend"]=sys.argv[2]; print(json.dumps(d))' "$@"
 }
 
 for backend in $BACKENDS; do
@@ -87,12 +89,12 @@ for backend in $BACKENDS; do
     #    The server's CPU time per verified attestation is the figure that
     #    run-to-run noise (the simulator shares the machine) moves least.
     : > "$dir/rss"; sample_rss "$dir/rss" & SAMPLER_PID=$!
-    cpu0=$(cpu_ticks "$SERVER_PID")
+    cpu0=$(cpu_ticks "$SERVER_PID"); wchar0=$(wchar "$SERVER_PID")
     out=$(sim --hosts "$HOSTS" --duration "$DURATION" --tampered "$TAMPERED")
-    cpu1=$(cpu_ticks "$SERVER_PID")
+    cpu1=$(cpu_ticks "$SERVER_PID"); wchar1=$(wchar "$SERVER_PID")
     kill "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
     cpu_ms=$(( (cpu1 - cpu0) * 1000 / TICK_HZ ))
-    emit sustained "$backend" "$out" "{\"server_rss_max_kb\": $(max_of "$dir/rss"), \"server_hwm_kb\": $(hwm_kb "$SERVER_PID"), \"registered_hosts\": $((HOSTS + GARBAGE_HOSTS)), \"server_cpu_ms\": $cpu_ms}"
+    emit sustained "$backend" "$out" "{\"server_rss_max_kb\": $(max_of "$dir/rss"), \"server_hwm_kb\": $(hwm_kb "$SERVER_PID"), \"registered_hosts\": $((HOSTS + GARBAGE_HOSTS)), \"server_cpu_ms\": $cpu_ms, \"server_written_bytes\": $((wchar1 - wchar0))}"
 
     # 3. The same honest fleet plus GARBAGE_HOSTS hosts sending malformed
     #    evidence back to back (all enrolled in step 1; HOSTS hosts stay honest).
