@@ -175,33 +175,7 @@ run_filter() {
 # A fresh TPM in directory $1 with its own local CA, as a test lab would
 # manufacture it: EK, EK certificate and platform certificate.
 manufacture_tpm() {
-    local dir=$1
-    mkdir -p "$dir/state" "$dir/localca"
-    cat >"$dir/swtpm-localca.conf" <<EOF
-statedir = $dir/localca
-signingkey = $dir/localca/signkey.pem
-issuercert = $dir/localca/issuercert.pem
-certserial = $dir/localca/certserial
-EOF
-    cat >"$dir/swtpm-localca.options" <<EOF
---platform-manufacturer swtpm-demo
---platform-version 2.1
---platform-model demo
-EOF
-    cat >"$dir/swtpm_setup.conf" <<EOF
-create_certs_tool = swtpm_localca
-create_certs_tool_config = $dir/swtpm-localca.conf
-create_certs_tool_options = $dir/swtpm-localca.options
-active_pcr_banks = sha256
-EOF
-    # XDG_CONFIG_HOME: keep swtpm_setup away from the user's own config.
-    XDG_CONFIG_HOME=$dir swtpm_setup --tpm2 --tpmstate "$dir/state" --createek \
-        --create-ek-cert --create-platform-cert --overwrite \
-        --config "$dir/swtpm_setup.conf" --logfile "$dir/swtpm_setup.log" \
-        >/dev/null 2>&1 </dev/null ||
-        die "swtpm_setup failed for $dir: $(cat "$dir/swtpm_setup.log")"
-    [[ -f "$dir/localca/swtpm-localca-rootca-cert.pem" && -f "$dir/localca/issuercert.pem" ]] ||
-        die "swtpm_setup did not create the local CA certificates in $dir/localca"
+    bash "$ROOT/scripts/swtpm-manufacture.sh" "$1" demo || die "could not manufacture a TPM in $1"
 }
 
 # Starts swtpm NAME on state dir $2 on port $3 (commands) and $3+1 (control:

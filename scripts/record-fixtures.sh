@@ -54,31 +54,7 @@ log() { echo "record-fixtures: $*"; }
 
 # A fresh TPM in $1 with its own local CA (not the shared /var/lib one).
 manufacture_tpm() {
-    local dir=$1
-    mkdir -p "$dir/state" "$dir/localca"
-    cat >"$dir/swtpm-localca.conf" <<EOF
-statedir = $dir/localca
-signingkey = $dir/localca/signkey.pem
-issuercert = $dir/localca/issuercert.pem
-certserial = $dir/localca/certserial
-EOF
-    cat >"$dir/swtpm-localca.options" <<EOF
---platform-manufacturer swtpm-test
---platform-version 2.1
---platform-model test
-EOF
-    cat >"$dir/swtpm_setup.conf" <<EOF
-create_certs_tool = swtpm_localca
-create_certs_tool_config = $dir/swtpm-localca.conf
-create_certs_tool_options = $dir/swtpm-localca.options
-active_pcr_banks = sha256
-EOF
-    swtpm_setup --tpm2 --tpmstate "$dir/state" --createek --create-ek-cert \
-        --create-platform-cert --overwrite --config "$dir/swtpm_setup.conf" \
-        --logfile "$dir/swtpm_setup.log" >/dev/null || {
-        cat "$dir/swtpm_setup.log" >&2
-        return 1
-    }
+    bash "$ROOT/scripts/swtpm-manufacture.sh" "$1" test
 }
 
 # Starts swtpm on state $1 on a random port pair P, P+1 (the swtpm TCTI

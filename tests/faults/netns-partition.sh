@@ -50,22 +50,7 @@ ip netns exec "$NS" ip link set lo up
 # A freshly manufactured TPM (EK certificate from its own local CA),
 # served inside the host's namespace.
 tpm=$WORK/tpm
-mkdir -p "$tpm/state" "$tpm/localca"
-cat >"$tpm/localca.conf" <<EOF
-statedir = $tpm/localca
-signingkey = $tpm/localca/signkey.pem
-issuercert = $tpm/localca/issuercert.pem
-certserial = $tpm/localca/certserial
-EOF
-cat >"$tpm/swtpm_setup.conf" <<EOF
-create_certs_tool = swtpm_localca
-create_certs_tool_config = $tpm/localca.conf
-create_certs_tool_options = /dev/null
-active_pcr_banks = sha256
-EOF
-XDG_CONFIG_HOME=$tpm swtpm_setup --tpm2 --tpmstate "$tpm/state" --createek --create-ek-cert \
-    --overwrite --config "$tpm/swtpm_setup.conf" --logfile "$tpm/setup.log" >/dev/null 2>&1 </dev/null ||
-    die "swtpm_setup failed: $(cat "$tpm/setup.log")"
+bash "$ROOT/scripts/swtpm-manufacture.sh" "$tpm" partition || die "could not manufacture a TPM in $tpm"
 ip netns exec "$NS" swtpm socket --tpm2 --tpmstate "dir=$tpm/state" \
     --server "type=tcp,port=$TPM_PORT,bindaddr=127.0.0.1" \
     --ctrl "type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1" \
