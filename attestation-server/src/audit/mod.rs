@@ -307,6 +307,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn event_ids_are_time_ordered_uuids_in_creation_order() {
+        let now = Utc::now();
+        let ids: Vec<String> = (0..1000)
+            .map(|_| {
+                let e = trust_change_event("srv", "h", Some("trusted"), "stale", now);
+                serde_json::from_str::<Event>(&e.body).unwrap().id
+            })
+            .collect();
+        for id in &ids {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version_num(), 7, "{id}");
+        }
+        // Hyphenated lowercase hex sorts as the bytes do: each id lands
+        // after the last in the events.id index.
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+    }
+
+    #[test]
     fn every_builder_tags_kind_and_correlation_and_reports_the_observer() {
         let now = Utc::now();
         let events = [
