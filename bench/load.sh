@@ -17,6 +17,10 @@ HOSTS=${HOSTS:-10000}
 INTERVAL=${INTERVAL:-30}
 DURATION=${DURATION:-60}
 CONCURRENCY=${CONCURRENCY:-64}
+# Seconds of the sustained phase's attestation left out of its figures
+# (each host's first connection of the run is a full TLS handshake; a
+# warm-up of one round or more measures a fleet that has been running).
+WARMUP=${WARMUP:-0}
 BACKENDS=${BACKENDS:-sqlite postgres}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 # Garbage hosts (added to the fleet) sending malformed evidence back to back.
@@ -89,8 +93,18 @@ for backend in $BACKENDS; do
     #    The server's CPU time per verified attestation is the figure that
     #    run-to-run noise (the simulator shares the machine) moves least.
     : > "$dir/rss"; sample_rss "$dir/rss" & SAMPLER_PID=$!
-    cpu0=$(cpu_ticks "$SERVER_PID"); wchar0=$(wchar "$SERVER_PID")
-    out=$(sim --hosts "$HOSTS" --duration "$DURATION" --tampered "$TAMPERED")
+    #    With a warm-up, the server's counters are read when the simulator
+    #    says its window opens (a line on stderr).
+    echo "$(cpu_ticks "$SERVER_PID") $(wchar "$SERVER_PID")" > "$dir/window"
+    out=$(sim --hosts "$HOSTS" --duration "$DURATION" --tampered "$TAMPERED" --warmup "$WARMUP" \
+        2> >(while read -r line; do
+                if [ "$line" = "simulate: warm-up over, measuring" ]; then
+                    echo "$(cpu_ticks "$SERVER_PID") $(wchar "$SERVER_PID")" > "$dir/window"
+                else
+                    echo "$line" >&2
+                fi
+            done))
+    read -r cpu0 wchar0 < "$dir/window"
     cpu1=$(cpu_ticks "$SERVER_PID"); wchar1=$(wchar "$SERVER_PID")
     kill "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""
     cpu_ms=$(( (cpu1 - cpu0) * 1000 / TICK_HZ ))

@@ -15,6 +15,7 @@ fn args(pool: &Pool, hosts: usize, duration: f64) -> SimulateArgs {
         interval: 1.0,
         duration,
         ramp: Some(0.5),
+        warmup: 0.0,
         tampered: 0.2,
         garbage: 0.1,
         garbage_interval: None,
@@ -118,6 +119,43 @@ async fn simulated_fleet_enrolls_and_attests_with_expected_verdicts() -> anyhow:
         "{:?}",
         again.errors
     );
+    pool.stop().await;
+    Ok(())
+}
+
+/// A warm-up leaves each host's first connection of a run (a full TLS
+/// handshake: a new simulator holds no session tickets) out of the
+/// summary, so the window shows a fleet that has been running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_up_leaves_each_hosts_first_handshake_out_of_the_summary() -> anyhow::Result<()> {
+    let pool = sim_pool().await?;
+    let honest = |warmup, duration| SimulateArgs {
+        tampered: 0.0,
+        garbage: 0.0,
+        warmup,
+        ..args(&pool, 6, duration)
+    };
+    let enrolled = simulate::run(&SimulateArgs {
+        enroll_only: true,
+        ..honest(0.0, 1.0)
+    })
+    .await?;
+    assert_eq!(enrolled.enrollments, 6, "{:?}", enrolled.errors);
+
+    // Without a warm-up the run starts with every host's full handshake.
+    let cold = simulate::run(&honest(0.0, 2.0)).await?;
+    assert_eq!(cold.warmup_secs, 0.0);
+    assert!(cold.tls_full >= 6, "{cold:?}");
+
+    // Every host attests twice within the warm-up (ramp 0.5 s, interval
+    // 1 s); the window then holds only resumed handshakes.
+    let warm = simulate::run(&honest(2.0, 2.0)).await?;
+    assert_eq!(warm.warmup_secs, 2.0);
+    assert_eq!(warm.tls_full, 0, "{warm:?}");
+    assert!(warm.tls_resumed >= 6, "{warm:?}");
+    assert!(warm.attestations >= 6, "{warm:?}");
+    assert_eq!(warm.by_kind["honest"].errors, 0, "{:?}", warm.errors);
+    assert!((warm.duration_secs - 2.0).abs() < 1e-9, "{warm:?}");
     pool.stop().await;
     Ok(())
 }

@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+/// Printed on stderr when the measured window opens after a warm-up.
+pub const WINDOW_OPEN_LINE: &str = "simulate: warm-up over, measuring";
+
 /// One attestation (connect, challenge, possibly enrollment, evidence) gives up after this.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -48,6 +51,12 @@ pub struct SimulateArgs {
     /// Seconds over which the hosts' first attestations are spread (default: --interval).
     #[arg(long)]
     pub ramp: Option<f64>,
+    /// Seconds of attestation on schedule before the measured --duration,
+    /// left out of the summary: long enough for every host to attest once,
+    /// the window shows a fleet that has been running (hosts holding TLS
+    /// session tickets) rather than one whose every host connects first.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
     /// Share of hosts (0-1) whose PCR 7 differs from their whitelist.
     #[arg(long, default_value_t = 0.0)]
     pub tampered: f64,
@@ -283,6 +292,8 @@ pub struct Summary {
     pub server_url: String,
     pub hosts: usize,
     pub interval_secs: f64,
+    /// Attestation before the measured window, not counted.
+    pub warmup_secs: f64,
     pub duration_secs: f64,
     pub concurrency: usize,
     pub tls_resumption: bool,
@@ -379,6 +390,9 @@ fn validate(args: &SimulateArgs) -> Result<(), SimError> {
     }
     if args.ramp.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
         return bad("--ramp", "must be zero or more seconds");
+    }
+    if !(args.warmup.is_finite() && args.warmup >= 0.0) {
+        return bad("--warmup", "must be zero or more seconds");
     }
     if args
         .garbage_interval
@@ -551,13 +565,11 @@ async fn enroll_all(args: &SimulateArgs, fleet: Arc<Fleet>) -> Result<Summary, S
     if let Some(e) = abort.lock().ok().and_then(|mut a| a.take()) {
         return Err(e);
     }
-    let elapsed = started.elapsed();
     Ok(summarize(
         args,
         &fleet,
         "enroll",
-        elapsed,
-        started + elapsed,
+        started..Instant::now(),
         Vec::new(),
         0,
     ))
@@ -574,7 +586,17 @@ async fn attest_loop(args: &SimulateArgs, fleet: Arc<Fleet>) -> Result<Summary, 
     let duration = Duration::from_secs_f64(args.duration);
     let sem = Arc::new(Semaphore::new(args.concurrency));
     let start = Instant::now();
-    let end = start + duration;
+    // The measured window follows the warm-up.
+    let from = start + Duration::from_secs_f64(args.warmup);
+    let end = from + duration;
+    if args.warmup > 0.0 {
+        // A line on stderr when the window opens, for scripts that sample
+        // the server's counters over the window only (bench/load.sh).
+        tokio::spawn(async move {
+            tokio::time::sleep_until(from.into()).await;
+            eprintln!("{WINDOW_OPEN_LINE}");
+        });
+    }
     let stop = Arc::new(AtomicBool::new(false));
 
     // Hosts on a schedule; garbage hosts with interval 0 flood instead.
@@ -620,7 +642,9 @@ async fn attest_loop(args: &SimulateArgs, fleet: Arc<Fleet>) -> Result<Summary, 
         if now >= end {
             break;
         }
-        lag_us.push(now.saturating_duration_since(due).as_micros() as u64);
+        if now >= from {
+            lag_us.push(now.saturating_duration_since(due).as_micros() as u64);
+        }
         let Some(host) = fleet.hosts.get(i) else {
             continue;
         };
@@ -630,7 +654,9 @@ async fn attest_loop(args: &SimulateArgs, fleet: Arc<Fleet>) -> Result<Summary, 
         };
         heap.push(Due(std::cmp::Reverse((due + every, i))));
         if host.busy.swap(true, Ordering::AcqRel) {
-            skipped += 1;
+            if now >= from {
+                skipped += 1;
+            }
             continue;
         }
         let fleet2 = fleet.clone();
@@ -665,7 +691,12 @@ async fn attest_loop(args: &SimulateArgs, fleet: Arc<Fleet>) -> Result<Summary, 
         return Err(e);
     }
     Ok(summarize(
-        args, &fleet, "attest", duration, end, lag_us, skipped,
+        args,
+        &fleet,
+        "attest",
+        from..end,
+        lag_us,
+        skipped,
     ))
 }
 
@@ -912,16 +943,19 @@ async fn post<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The summary of the samples that finished in `window` (after a warm-up;
+/// verdicts after its end are not counted as attestations of the run).
 fn summarize(
     args: &SimulateArgs,
     fleet: &Fleet,
     mode: &'static str,
-    window: Duration,
-    end: Instant,
+    window: std::ops::Range<Instant>,
     lag_us: Vec<u64>,
     skipped_busy: u64,
 ) -> Summary {
-    let samples = fleet.stats.lock().map(|s| s.clone()).unwrap_or_default();
+    let (from, end) = (window.start, window.end);
+    let mut samples = fleet.stats.lock().map(|s| s.clone()).unwrap_or_default();
+    samples.retain(|s| s.finished >= from);
     let mut by_kind: BTreeMap<&'static str, KindSummary> = BTreeMap::new();
     let mut kind_lat: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
     for h in &fleet.hosts {
@@ -992,7 +1026,10 @@ fn summarize(
         }
     }
     let _ = samples.iter().map(|s| s.host).max();
-    let secs = window.as_secs_f64().max(f64::MIN_POSITIVE);
+    let secs = end
+        .saturating_duration_since(from)
+        .as_secs_f64()
+        .max(f64::MIN_POSITIVE);
     let flood = args.garbage_interval.is_some_and(|g| g == 0.0);
     let scheduled = fleet
         .hosts
@@ -1005,6 +1042,7 @@ fn summarize(
         server_url: format!("https://{}:{}", fleet.target.host, fleet.target.port),
         hosts: fleet.hosts.len(),
         interval_secs: args.interval,
+        warmup_secs: if mode == "attest" { args.warmup } else { 0.0 },
         duration_secs: secs,
         concurrency: args.concurrency,
         tls_resumption: !args.no_resumption,
