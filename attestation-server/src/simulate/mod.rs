@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
 /// Printed on stderr when the measured window opens after a warm-up.
 pub const WINDOW_OPEN_LINE: &str = "simulate: warm-up over, measuring";
 
@@ -52,9 +53,9 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub ramp: Option<f64>,
     /// Seconds of attestation on schedule before the measured --duration,
-    /// left out of the summary: long enough for every host to attest once,
-    /// the window shows a fleet that has been running (hosts holding TLS
-    /// session tickets) rather than one whose every host connects first.
+    /// left out of the summary. When every host attests at least once in
+    /// it, the window shows a fleet that has been running (hosts holding
+    /// TLS session tickets), not one whose every host connects first.
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
     /// Share of hosts (0-1) whose PCR 7 differs from their whitelist.
