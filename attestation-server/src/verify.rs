@@ -27,7 +27,7 @@
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
 use proto::eventlog::{self, EventLog, EventLogError, ReplayMismatch};
-use proto::ima::{self, ImaEntry, ImaError, ImaState};
+use proto::ima::{self, ImaError, ImaState, Replayed};
 use proto::policy::{
     AppliedPolicy, Group, MatchPolicy, Part, PartOutcome, PartResult, WhitelistRef,
     WhitelistVersion,
@@ -470,10 +470,9 @@ pub struct Logs<'a> {
 /// IMA entries checked against the quote, and where they start.
 #[derive(Debug, Clone, Copy)]
 pub struct ImaLogs<'a> {
-    /// The entries after `start` covered by the quote (may be none).
-    pub entries: &'a [ImaEntry],
-    pub start: &'a ImaState,
-    pub bank: HashAlg,
+    /// The entries after the stored state covered by the quote (may be
+    /// none), their template hashes checked.
+    pub replayed: &'a Replayed,
     /// The runtime policies that judged every entry before `start`.
     pub verified: &'a BTreeMap<String, RuntimeRecord>,
     /// The host sent a continuation of a list this server no longer
@@ -492,9 +491,8 @@ pub struct CheckedLogs {
 /// IMA entries the quote covers, with the state before and after them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckedIma {
-    pub entries: Vec<ImaEntry>,
-    pub start: ImaState,
-    pub end: ImaState,
+    pub replayed: Replayed,
+    /// The bank runtime policies are judged in (kept with the state).
     pub bank: HashAlg,
     pub verified: BTreeMap<String, RuntimeRecord>,
     pub restarted: bool,
@@ -511,9 +509,7 @@ impl CheckedLogs {
             .as_ref()
             .and_then(|b| eventlog::parse(b).ok().map(|l| (b.clone(), l)));
         let ima = rec.ima_state.as_ref().map(|s| CheckedIma {
-            entries: Vec::new(),
-            start: s.state.clone(),
-            end: s.state.clone(),
+            replayed: Replayed::unchanged(s.state.clone()),
             bank: s.bank,
             verified: s.runtime.clone(),
             restarted: false,
@@ -525,9 +521,7 @@ impl CheckedLogs {
         Logs {
             uefi: self.uefi.as_ref().map(|(_, l)| l),
             ima: self.ima.as_ref().map(|i| ImaLogs {
-                entries: &i.entries,
-                start: &i.start,
-                bank: i.bank,
+                replayed: &i.replayed,
                 verified: &i.verified,
                 restarted: i.restarted,
             }),
@@ -623,7 +617,7 @@ pub fn verify_with_state(
     let mut verdict = verdict(expected.host, judgement.faults, now, policy.freshness);
     verdict.policy = Some(judgement.applied);
     let ima_state = logs.ima.as_ref().map(|i| HostImaState {
-        state: i.end.clone(),
+        state: i.replayed.end.clone(),
         bank: i.bank,
         runtime: merged_runtime(i, judgement.runtime),
     });
@@ -771,11 +765,8 @@ pub fn check_ima_log(
     if sent.from > 0 && continued.is_none() {
         // A continuation of a list we do not follow (the host rebooted
         // since the challenge was made): start over at the next attestation.
-        let start = fresh();
         return Ok(Some(CheckedIma {
-            entries: Vec::new(),
-            end: start.clone(),
-            start,
+            replayed: Replayed::unchanged(fresh()),
             bank,
             verified: BTreeMap::new(),
             restarted: true,
@@ -789,7 +780,7 @@ pub fn check_ima_log(
         .ok()
         .and_then(|f| f.checked_add(1))
         .unwrap_or(usize::MAX);
-    let mut entries =
+    let entries =
         ima::parse_ascii_from(sent.entries.as_bytes(), first_line).map_err(ImaLogFailure::Parse)?;
     let quoted: Vec<(HashAlg, Vec<u8>)> = banks
         .iter()
@@ -800,47 +791,18 @@ pub fn check_ima_log(
             (*b, q)
         })
         .collect();
-    let mut pcrs: Vec<Vec<u8>> = banks
-        .iter()
-        .map(|b| start.pcr10(*b).map(<[u8]>::to_vec).unwrap_or_default())
-        .collect();
-    let reached = |pcrs: &[Vec<u8>]| quoted.iter().zip(pcrs).all(|((_, q), p)| q == p);
-    let mut covered = if reached(&pcrs) { Some(0) } else { None };
-    for (n, e) in entries.iter().enumerate() {
-        if covered.is_some() {
-            break;
-        }
-        for (p, b) in pcrs.iter_mut().zip(&banks) {
-            *p = b.hash(&[p, e.template_hash_for(*b).as_slice()]);
-        }
-        if reached(&pcrs) {
-            covered = Some(n + 1);
-        }
-    }
-    let Some(covered) = covered else {
-        let (bank, q) = quoted.first().cloned().unwrap_or((bank, Vec::new()));
-        let idx = banks.iter().position(|b| *b == bank).unwrap_or(0);
-        return Err(ImaLogFailure::Replay {
-            bank,
-            quoted: hex::encode(q),
-            replayed_from: hex::encode(start.pcr10(bank).unwrap_or_default()),
-            replayed: hex::encode(pcrs.get(idx).cloned().unwrap_or_default()),
+    let quoted: Vec<(HashAlg, &[u8])> = quoted.iter().map(|(b, q)| (*b, q.as_slice())).collect();
+    let replayed =
+        ima::replay_to_quote(entries, &start, &quoted).map_err(|m| ImaLogFailure::Replay {
+            bank: m.bank,
+            quoted: hex::encode(&m.quoted),
+            replayed_from: hex::encode(&m.replayed_from),
+            replayed: hex::encode(&m.replayed),
             first: sent.from.saturating_add(1),
-            last: sent.from.saturating_add(entries.len() as u64),
-        });
-    };
-    entries.truncate(covered);
-    let mut end = start.clone();
-    for (b, p) in banks.iter().zip(pcrs) {
-        if let Some(v) = end.banks.iter_mut().find(|v| v.bank == *b) {
-            v.pcr10 = p;
-        }
-    }
-    end.entries_verified = start.entries_verified.saturating_add(covered as u64);
+            last: sent.from.saturating_add(m.entries as u64),
+        })?;
     Ok(Some(CheckedIma {
-        entries,
-        start,
-        end,
+        replayed,
         bank,
         verified,
         restarted: false,
@@ -1313,20 +1275,20 @@ fn judge_runtime(
     }
     let fp = runtime_fingerprint(policy);
     let previous = ima.verified.get(&fp);
-    if previous.is_none() && ima.start.entries_verified > 0 {
+    if previous.is_none() && ima.replayed.start.entries_verified > 0 {
         return (
             vec![whitelist_fault(
                 "ima_policy_not_applied",
                 format!(
                     "the runtime policy of part {part_name} (whitelist {wref}) is new: IMA entries 1-{} were judged by another; the whole list is judged against it at the next attestation",
-                    ima.start.entries_verified
+                    ima.replayed.start.entries_verified
                 ),
             )],
             None,
         );
     }
     let mut record = previous.cloned().unwrap_or_default();
-    match ima::verify(ima.entries, policy, ima.start, ima.bank) {
+    match ima::judge_replayed(ima.replayed, policy) {
         Ok(outcome) => {
             record.failures_total = record.failures_total.saturating_add(outcome.failures_total);
             let room = MAX_RUNTIME_FAULTS.saturating_sub(record.faults.len());
@@ -1557,7 +1519,7 @@ impl LogNeeds {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use proto::ima::Template;
+    use proto::ima::{ImaEntry, Template};
 
     fn fixture(path: &str) -> Vec<u8> {
         std::fs::read(format!("{}/../fixtures/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
@@ -1640,29 +1602,29 @@ mod tests {
         // The quote was made after two entries; the third came before the read.
         let ev = ima_evidence(&all, &all[..2], 0);
         let got = check_ima_log(&ev, None, 7).unwrap().unwrap();
-        assert_eq!(got.entries.len(), 2);
-        assert_eq!(got.end.entries_verified, 2);
-        assert_eq!(got.end.reset_count, Some(7));
+        assert_eq!(got.replayed.entries.len(), 2);
+        assert_eq!(got.replayed.end.entries_verified, 2);
+        assert_eq!(got.replayed.end.reset_count, Some(7));
         assert_eq!(
-            got.end.pcr10(HashAlg::Sha256).unwrap(),
+            got.replayed.end.pcr10(HashAlg::Sha256).unwrap(),
             ima::replay(&all[..2], HashAlg::Sha256)
         );
         // Continue from the stored state: only the third entry is sent.
         let stored = HostImaState {
-            state: got.end.clone(),
+            state: got.replayed.end.clone(),
             bank: HashAlg::Sha256,
             runtime: BTreeMap::new(),
         };
         let next = ima_evidence(&all, &all, 2);
         let got = check_ima_log(&next, Some(&stored), 7).unwrap().unwrap();
-        assert_eq!(got.entries.len(), 1);
-        assert_eq!(got.entries[0].name(), "/c");
-        assert_eq!(got.end.entries_verified, 3);
+        assert_eq!(got.replayed.entries.len(), 1);
+        assert_eq!(got.replayed.entries[0].name(), "/c");
+        assert_eq!(got.replayed.end.entries_verified, 3);
         assert!(!got.restarted);
         // The same continuation after a reboot cannot be followed.
         let got = check_ima_log(&next, Some(&stored), 8).unwrap().unwrap();
-        assert!(got.restarted && got.entries.is_empty());
-        assert_eq!(got.end.entries_verified, 0);
+        assert!(got.restarted && got.replayed.entries.is_empty());
+        assert_eq!(got.replayed.end.entries_verified, 0);
         // A list whose entries never reach the quote was altered.
         let forged = vec![entry("/a"), entry("/x")];
         let mut ev = ima_evidence(&forged, &forged, 0);
@@ -1703,7 +1665,7 @@ mod tests {
         assert!(j.faults[0].message.contains("/rogue"));
         assert!(j.faults[0].message.contains("IMA entry 3 (line 3)"));
         let stored = HostImaState {
-            state: checked.ima.as_ref().unwrap().end.clone(),
+            state: checked.ima.as_ref().unwrap().replayed.end.clone(),
             bank: HashAlg::Sha256,
             runtime: j.runtime.clone(),
         };
@@ -1716,7 +1678,7 @@ mod tests {
             uefi: None,
             ima: check_ima_log(&ev, Some(&stored), 1).unwrap(),
         };
-        assert_eq!(checked.ima.as_ref().unwrap().entries.len(), 0);
+        assert_eq!(checked.ima.as_ref().unwrap().replayed.entries.len(), 0);
         let j = judge(&ev.pcrs, &checked.logs(), &policy);
         assert_eq!(j.faults[0].code, "ima_not_in_policy");
         // A changed policy has not seen entries 1-3: not trusted, and the

@@ -123,6 +123,19 @@ fn run_list(
             black_box(ima::verify(&e, policy, &start, HashAlg::Sha256).unwrap())
         })
     });
+    // What the server runs: its log step (parse, replay to the quote,
+    // template hashes once), then its whitelist step (the policy only).
+    let quoted = out.new_state.pcr10(HashAlg::Sha256).unwrap().to_vec();
+    let server_steps = || {
+        let e = ima::parse_ascii_from(black_box(log), 1).unwrap();
+        let r = ima::replay_to_quote(e, &start, &[(HashAlg::Sha256, &quoted)]).unwrap();
+        ima::judge_replayed(&r, policy).unwrap()
+    };
+    assert_eq!(server_steps(), out);
+    g.bench_function(
+        "server steps (parse, replay_to_quote, judge_replayed)",
+        |b| b.iter(|| black_box(server_steps())),
+    );
     g.bench_function("verify_ascii (streaming)", |b| {
         b.iter(|| {
             black_box(

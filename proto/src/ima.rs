@@ -1228,6 +1228,165 @@ pub fn verify(
     Ok(verify_compiled(entries, policy.compiled()?, state, bank))
 }
 
+/// A list (or continuation) replayed from a stored state to the quote: the
+/// entries the quote covers, each template hash recomputed once. The
+/// server's log step makes it; its whitelist step judges it against each
+/// runtime policy with [`judge_replayed`], which hashes nothing again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// The entries the quote covers, in list order.
+    pub entries: Vec<ImaEntry>,
+    /// The state before them.
+    pub start: ImaState,
+    /// The state after them: each quoted bank at its quoted value.
+    pub end: ImaState,
+    /// Positions in `entries` whose data does not hash to their logged
+    /// template hash, in order.
+    mismatched: Vec<usize>,
+}
+
+/// No entry of the list brings every quoted bank's PCR 10 to its quote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayMismatch {
+    /// The first quoted bank.
+    pub bank: HashAlg,
+    pub quoted: Vec<u8>,
+    /// That bank's PCR 10 before the list, and after all of it.
+    pub replayed_from: Vec<u8>,
+    pub replayed: Vec<u8>,
+    /// Entries in the list.
+    pub entries: usize,
+}
+
+impl Replayed {
+    /// No new entries: `state` is both start and end.
+    pub fn unchanged(state: ImaState) -> Self {
+        Self {
+            entries: Vec::new(),
+            end: state.clone(),
+            start: state,
+            mismatched: Vec::new(),
+        }
+    }
+}
+
+/// Replay `entries` (the continuation after `start`) in every bank of
+/// `quoted` (bank, quoted PCR 10) and keep the shortest prefix, maybe
+/// empty, after which every bank equals its quote: the list is read after
+/// the quote, so it may run past it. Banks `start` lacks start at zero.
+pub fn replay_to_quote(
+    mut entries: Vec<ImaEntry>,
+    start: &ImaState,
+    quoted: &[(HashAlg, &[u8])],
+) -> Result<Replayed, ReplayMismatch> {
+    let mut start = start.clone();
+    for (b, _) in quoted {
+        start.ensure_bank(*b);
+    }
+    let banks: Vec<HashAlg> = quoted.iter().map(|(b, _)| *b).collect();
+    let mut pcrs: Vec<DigestBytes> = banks
+        .iter()
+        .map(|b| {
+            DigestBytes::from_slice(start.pcr10(*b).unwrap_or_default())
+                .unwrap_or(DigestBytes::filled(0, 0))
+        })
+        .collect();
+    let reached = |pcrs: &[DigestBytes]| {
+        quoted
+            .iter()
+            .zip(pcrs)
+            .all(|((_, q), p)| p.as_slice() == *q)
+    };
+    let mut mismatched = Vec::new();
+    let mut covered = reached(&pcrs).then_some(0);
+    let mut hashes = Vec::with_capacity(STREAM_CHUNK * banks.len());
+    let mut done = 0usize;
+    for chunk in entries.chunks(STREAM_CHUNK) {
+        if covered.is_some() || banks.is_empty() {
+            break;
+        }
+        hashes.clear();
+        hash_entries(chunk, &banks, &mut hashes, |i, _, _, _| {
+            mismatched.push(done + i);
+        });
+        for (i, row) in hashes.chunks_exact(banks.len()).enumerate() {
+            for ((alg, pcr), th) in banks.iter().zip(pcrs.iter_mut()).zip(row) {
+                *pcr = extend(*alg, pcr, th);
+            }
+            if reached(&pcrs) {
+                covered = Some(done + i + 1);
+                break;
+            }
+        }
+        done += chunk.len();
+    }
+    let Some(covered) = covered else {
+        let (bank, q) = quoted.first().copied().unwrap_or((HashAlg::Sha256, &[]));
+        return Err(ReplayMismatch {
+            bank,
+            quoted: q.to_vec(),
+            replayed_from: start.pcr10(bank).unwrap_or_default().to_vec(),
+            replayed: pcrs
+                .first()
+                .map(|p| p.as_slice().to_vec())
+                .unwrap_or_default(),
+            entries: entries.len(),
+        });
+    };
+    entries.truncate(covered);
+    mismatched.retain(|i| *i < covered);
+    let mut end = start.clone();
+    for (b, p) in banks.iter().zip(&pcrs) {
+        if let Some(v) = end.banks.iter_mut().find(|v| v.bank == *b) {
+            v.pcr10 = p.as_slice().to_vec();
+        }
+    }
+    end.entries_verified = start.entries_verified.saturating_add(covered as u64);
+    Ok(Replayed {
+        entries,
+        start,
+        end,
+        mismatched,
+    })
+}
+
+/// Judge replayed entries against `policy`: the failures (template hashes
+/// that do not match, then the policy's) of [`verify`] on the same entries
+/// and state, without hashing again. `new_state` is the replay's end.
+pub fn judge_replayed(
+    replayed: &Replayed,
+    policy: &RuntimePolicy,
+) -> Result<ImaOutcome, PolicyError> {
+    let compiled = policy.compiled()?;
+    let mut failures = Failures::default();
+    let mut mismatched = replayed.mismatched.iter().copied().peekable();
+    let base = replayed.start.entries_verified;
+    for (n, chunk) in replayed.entries.chunks(STREAM_CHUNK).enumerate() {
+        let first = n * STREAM_CHUNK;
+        let index_base = base + first as u64;
+        let policy = judge_policy(chunk, compiled, index_base);
+        let mut templates = Failures::default();
+        while let Some(i) = mismatched.next_if(|i| *i < first + chunk.len()) {
+            let Some(e) = replayed.entries.get(i) else {
+                continue;
+            };
+            let alg = alg_by_len(e.template_hash.as_slice().len()).unwrap_or(HashAlg::Sha1);
+            let computed = e.compute_template_hash(alg);
+            templates.absorb(
+                vec![template_failure(e, base + i as u64 + 1, alg, &computed)],
+                1,
+            );
+        }
+        merge_failures(&mut failures, templates, policy);
+    }
+    Ok(ImaOutcome {
+        new_state: replayed.end.clone(),
+        entries_checked: replayed.entries.len() as u64,
+        failures: failures.list,
+        failures_total: failures.total,
+    })
+}
+
 /// Entries parsed and verified per round by [`verify_ascii`].
 const STREAM_CHUNK: usize = 64;
 
@@ -1688,13 +1847,30 @@ fn judge(
     failures: &mut Failures,
     hashes: &mut Vec<DigestBytes>,
 ) {
-    // Three passes: first touch the policy records of all entries (loads
-    // that do not depend on each other, so their cache misses overlap: the
-    // policy table is far larger than the cache), then judge them, then
-    // hash, streaming the entries.
+    // Policy first, then hashing: see `judge_policy`.
+    let policy = judge_policy(entries, compiled, index_base);
+    let mut templates = Failures::default();
+    hash_entries(entries, banks, hashes, |i, e, alg, computed| {
+        templates.absorb(
+            vec![template_failure(
+                e,
+                index_base + i as u64 + 1,
+                alg,
+                computed,
+            )],
+            1,
+        );
+    });
+    merge_failures(failures, templates, policy);
+}
+
+/// The policy's verdict on each of `entries` (failures indexed from
+/// `index_base + 1`). The policy records of all entries are touched first:
+/// those loads do not depend on each other, so their cache misses overlap
+/// (the policy table is far larger than the cache).
+fn judge_policy(entries: &[ImaEntry], compiled: &CompiledPolicy, index_base: u64) -> Failures {
     compiled.warm(entries);
-    let mut policy_failures = Vec::new();
-    let mut policy_total = 0u64;
+    let mut out = Failures::default();
     for (i, e) in entries.iter().enumerate() {
         let verdict = if e.pcr != 10 {
             Err((FailureCode::UnexpectedPcr, Vec::new()))
@@ -1708,15 +1884,25 @@ fn judge(
             compiled.evaluate(e)
         };
         if let Err((code, expected)) = verdict {
-            policy_total += 1;
-            if policy_failures.len() < MAX_REPORTED_FAILURES {
+            out.total += 1;
+            if out.list.len() < MAX_REPORTED_FAILURES {
                 let index = index_base + i as u64 + 1;
-                policy_failures.push(failure(e, index, code, expected));
+                out.list.push(failure(e, index, code, expected));
             }
         }
     }
-    let mut hash_failures = Vec::new();
-    let mut hash_total = 0u64;
+    out
+}
+
+/// Per entry of `entries`, in order: recompute its logged template hash
+/// (calling `mismatch(position, entry, alg, computed)` when the data does
+/// not hash to it) and push its template hash for each of `banks`.
+fn hash_entries(
+    entries: &[ImaEntry],
+    banks: &[HashAlg],
+    hashes: &mut Vec<DigestBytes>,
+    mut mismatch: impl FnMut(usize, &ImaEntry, HashAlg, &DigestBytes),
+) {
     for (i, e) in entries.iter().enumerate() {
         let logged_alg = alg_by_len(e.template_hash.as_slice().len()).unwrap_or(HashAlg::Sha1);
         let violation = e.is_violation();
@@ -1736,20 +1922,7 @@ fn judge(
         if !violation {
             let computed = hash_with(logged_alg);
             if computed.as_slice() != e.template_hash.as_slice() {
-                hash_total += 1;
-                if hash_failures.len() < MAX_REPORTED_FAILURES {
-                    hash_failures.push(ImaFailure {
-                        index: index_base + i as u64 + 1,
-                        line: e.line,
-                        path: e.name().into_owned(),
-                        code: FailureCode::TemplateHashMismatch,
-                        expected: vec![format!(
-                            "{logged_alg}:{}",
-                            hex::encode(e.template_hash.as_slice())
-                        )],
-                        actual: Some(format!("{logged_alg}:{}", hex::encode(computed.as_slice()))),
-                    });
-                }
+                mismatch(i, e, logged_alg, &computed);
             }
             logged_ok = Some(computed);
         }
@@ -1761,12 +1934,30 @@ fn judge(
             });
         }
     }
-    // The first failures overall are among the first of each pass; for one
-    // entry, the template hash failure comes first (stable sort).
-    let mut list = hash_failures;
-    list.append(&mut policy_failures);
+}
+
+/// The failure of an entry whose data hashes (with `alg`) to `computed`,
+/// not to its logged template hash.
+fn template_failure(e: &ImaEntry, index: u64, alg: HashAlg, computed: &DigestBytes) -> ImaFailure {
+    ImaFailure {
+        index,
+        line: e.line,
+        path: e.name().into_owned(),
+        code: FailureCode::TemplateHashMismatch,
+        expected: vec![format!("{alg}:{}", hex::encode(e.template_hash.as_slice()))],
+        actual: Some(format!("{alg}:{}", hex::encode(computed.as_slice()))),
+    }
+}
+
+/// Add one round's template and policy failures to `failures`, in index
+/// order. The first failures overall are among the first of each kind; for
+/// one entry, the template hash failure comes first (stable sort).
+fn merge_failures(failures: &mut Failures, templates: Failures, policy: Failures) {
+    let mut list = templates.list;
+    let mut rest = policy.list;
+    list.append(&mut rest);
     list.sort_by_key(|f| f.index);
-    failures.absorb(list, hash_total + policy_total);
+    failures.absorb(list, templates.total + policy.total);
 }
 
 fn failure(e: &ImaEntry, index: u64, code: FailureCode, expected: Vec<String>) -> ImaFailure {
@@ -2417,6 +2608,9 @@ mod tests {
         bank: HashAlg,
     ) -> Result<ImaOutcome, ImaError> {
         let seq = verify_ascii(input, first_line, policy, state, bank);
+        if let Ok(seq) = &seq {
+            replay_agrees(input, first_line, policy, state, seq);
+        }
         for piece in [1, 97, 150, 1000, 7000, 1 << 20] {
             for threads in [2, 3, 4] {
                 let par =
@@ -2425,6 +2619,41 @@ mod tests {
             }
         }
         seq
+    }
+
+    /// The server's two steps, [`replay_to_quote`] then [`judge_replayed`],
+    /// must give `expected` ([`verify`]'s outcome) for a quote of where the
+    /// list ends, also when the list read after the quote runs past it.
+    fn replay_agrees(
+        input: &[u8],
+        first_line: usize,
+        policy: &RuntimePolicy,
+        state: &ImaState,
+        expected: &ImaOutcome,
+    ) {
+        let entries = parse_ascii_from(input, first_line).unwrap();
+        let quoted: Vec<(HashAlg, Vec<u8>)> = expected
+            .new_state
+            .banks
+            .iter()
+            .map(|b| (b.bank, b.pcr10.clone()))
+            .collect();
+        let q: Vec<(HashAlg, &[u8])> = quoted.iter().map(|(b, v)| (*b, v.as_slice())).collect();
+        let mut longer = entries.clone();
+        longer.extend(parse_ascii(one_line()).unwrap());
+        for list in [entries, longer] {
+            let r = replay_to_quote(list, state, &q).unwrap();
+            assert_eq!(r.end, expected.new_state);
+            assert_eq!(&judge_replayed(&r, policy).unwrap(), expected);
+        }
+        // Bank order is the quote's; the outcome is not.
+        let reversed: Vec<(HashAlg, &[u8])> = q.iter().rev().copied().collect();
+        let entries = parse_ascii_from(input, first_line).unwrap();
+        let r = replay_to_quote(entries, state, &reversed).unwrap();
+        assert_eq!(
+            judge_replayed(&r, policy).unwrap().failures,
+            expected.failures
+        );
     }
 
     /// RK_LIST with line `no` (1-based) passed through `f`.
@@ -2677,6 +2906,57 @@ mod tests {
         let out = fails(&list, &policy);
         assert_eq!(out.failures[0].code, FailureCode::UnexpectedPcr);
         assert_eq!(out.failures[0].line, 700);
+    }
+
+    #[test]
+    fn replay_stops_where_the_quote_does_and_refuses_a_list_that_never_reaches_it() {
+        let good = parse_ascii(RK_LIST).unwrap();
+        let start = two_banks();
+        let q1 = replay(&good[..300], HashAlg::Sha1);
+        let q256 = replay(&good[..300], HashAlg::Sha256);
+        let quoted = [
+            (HashAlg::Sha256, q256.as_slice()),
+            (HashAlg::Sha1, q1.as_slice()),
+        ];
+        let r = replay_to_quote(good.clone(), &start, &quoted).unwrap();
+        assert_eq!(r.entries.len(), 300);
+        assert_eq!(r.entries, good[..300]);
+        assert_eq!(r.end.entries_verified, 300);
+        assert_eq!(r.end.pcr10(HashAlg::Sha256), Some(q256.as_slice()));
+        assert_eq!(r.end.pcr10(HashAlg::Sha1), Some(q1.as_slice()));
+        // Continued from there: the rest, with the stored state.
+        let full = replay(&good, HashAlg::Sha256);
+        let rest = replay_to_quote(
+            good[300..].to_vec(),
+            &r.end,
+            &[(HashAlg::Sha256, full.as_slice())],
+        )
+        .unwrap();
+        assert_eq!(rest.entries.len(), good.len() - 300);
+        assert_eq!(rest.end.entries_verified, good.len() as u64);
+        // A quote the state is already at covers nothing.
+        let none = replay_to_quote(good.clone(), &r.end, &quoted).unwrap();
+        assert!(none.entries.is_empty());
+        // Every bank must agree: one bank's value from another prefix never does.
+        let other = replay(&good[..301], HashAlg::Sha1);
+        let e = replay_to_quote(
+            good.clone(),
+            &start,
+            &[
+                (HashAlg::Sha256, q256.as_slice()),
+                (HashAlg::Sha1, other.as_slice()),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!((e.bank, e.entries), (HashAlg::Sha256, good.len()));
+        assert_eq!(e.replayed, full);
+        assert_eq!(e.replayed_from, vec![0u8; 32]);
+        assert_eq!(e.quoted, q256);
+        // Two lines swapped: the quote of the true order is never reached.
+        let mut swapped = good.clone();
+        swapped.swap(10, 11);
+        let e = replay_to_quote(swapped, &start, &[(HashAlg::Sha256, full.as_slice())]);
+        assert!(e.is_err());
     }
 
     #[test]
