@@ -339,32 +339,37 @@ impl Padded {
     fn hash(&self, alg: HashAlg) -> Option<DigestBytes> {
         use sha2::digest::generic_array::GenericArray;
         let data = self.buf.get(..self.blocks * 64)?;
-        let mut out = [0u8; 64];
-        let n = match alg {
+        match alg {
             HashAlg::Sha1 => {
                 let mut st = SHA1_H0;
                 for b in data.chunks_exact(64) {
                     sha1::compress(&mut st, std::slice::from_ref(GenericArray::from_slice(b)));
                 }
-                for (o, w) in out.chunks_exact_mut(4).zip(st) {
-                    o.copy_from_slice(&w.to_be_bytes());
-                }
-                20
+                Some(state_digest(&st))
             }
             HashAlg::Sha256 => {
                 let mut st = SHA256_H0;
                 for b in data.chunks_exact(64) {
                     sha2::compress256(&mut st, std::slice::from_ref(GenericArray::from_slice(b)));
                 }
-                for (o, w) in out.chunks_exact_mut(4).zip(st) {
-                    o.copy_from_slice(&w.to_be_bytes());
-                }
-                32
+                Some(state_digest(&st))
             }
-            _ => return None,
-        };
-        Some(DigestBytes { len: n, buf: out })
+            _ => None,
+        }
     }
+}
+
+/// The digest a SHA-1 or SHA-256 state (big-endian words) stands for.
+fn state_digest(state: &[u32]) -> DigestBytes {
+    let state = state.get(..16).unwrap_or(state);
+    let mut out = DigestBytes {
+        len: (state.len() * 4) as u8,
+        buf: [0; 64],
+    };
+    for (o, w) in out.buf.chunks_exact_mut(4).zip(state) {
+        o.copy_from_slice(&w.to_be_bytes());
+    }
+    out
 }
 
 /// The second block of SHA-256 over exactly 64 bytes: padding only
@@ -393,14 +398,7 @@ fn extend(alg: HashAlg, pcr: &DigestBytes, value: &DigestBytes) -> DigestBytes {
                 *GenericArray::from_slice(&SHA256_PAD_64),
             ],
         );
-        let mut out = DigestBytes {
-            len: 32,
-            buf: [0; 64],
-        };
-        for (o, w) in out.buf.chunks_exact_mut(4).zip(st) {
-            o.copy_from_slice(&w.to_be_bytes());
-        }
-        return out;
+        return state_digest(&st);
     }
     digest(alg, &[pcr.as_slice(), value.as_slice()])
 }

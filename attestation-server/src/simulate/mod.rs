@@ -28,7 +28,8 @@ use tokio::sync::Semaphore;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-/// Printed on stderr when the measured window opens after a warm-up.
+/// Printed on stderr when the measured window opens after a warm-up;
+/// bench/load.sh matches it (a test keeps the two equal).
 pub const WINDOW_OPEN_LINE: &str = "simulate: warm-up over, measuring";
 
 /// One attestation (connect, challenge, possibly enrollment, evidence) gives up after this.
@@ -1026,7 +1027,6 @@ fn summarize(
             k.latency = latency(lat);
         }
     }
-    let _ = samples.iter().map(|s| s.host).max();
     let secs = end
         .saturating_duration_since(from)
         .as_secs_f64()
@@ -1077,6 +1077,13 @@ fn summarize(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_load_script_waits_for_the_window_line_this_prints() {
+        // bench/load.sh reads the server's counters when it sees this line.
+        let script = include_str!("../../../bench/load.sh");
+        assert!(script.contains(&format!("\"{WINDOW_OPEN_LINE}\"")));
+    }
 
     #[test]
     fn shares_are_spread_and_exact() {
