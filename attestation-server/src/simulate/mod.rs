@@ -238,7 +238,6 @@ enum Outcome {
 #[derive(Debug, Clone)]
 struct Sample {
     kind: Kind,
-    host: usize,
     finished: Instant,
     total_us: u64,
     evidence_us: u64,
@@ -725,7 +724,6 @@ async fn attest_once(
     };
     let sample = Sample {
         kind: host.kind,
-        host: i,
         finished: Instant::now(),
         total_us: started.elapsed().as_micros() as u64,
         evidence_us: timing.evidence_us,
