@@ -3,8 +3,9 @@
 # and Keylime runtime policy through Keylime's
 # keylime.ima.ima.process_measurement_list and through proto::ima
 # (verify_ascii on one core, verify_ascii_parallel on every core; criterion
-# bench proto/benches/ima.rs; also the server's two steps, replay_to_quote
-# then judge_replayed), same machine, same run. Both replay PCR 10 in
+# bench proto/benches/ima.rs; also the server's two steps,
+# replay_ascii_to_quote then judge_replayed, on one core and on all), same
+# machine, same run. Both replay PCR 10 in
 # the SHA-256 bank and check it against the expected value. Prints
 # entries/s of each, the ratios, and the load average before and after.
 #
@@ -78,14 +79,15 @@ echo "== proto::ima (criterion)" >&2
 EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/verify_ascii (streaming)/new/estimates.json' | head -1)"
 TWO_STEP_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/parse+verify (sha256 bank)/new/estimates.json' | head -1)"
 VERIFY_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/verify (parsed, sha256 bank)/new/estimates.json' | head -1)"
-SERVER_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/server steps (parse, replay_to_quote, judge_replayed)/new/estimates.json' | head -1)"
+SERVER_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/server steps (replay_ascii_to_quote, judge_replayed)/new/estimates.json' | head -1)"
+SERVER_PAR_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/server steps (all cores)/new/estimates.json' | head -1)"
 PAR_EST="$(find "$CARGO_TARGET_DIR/criterion/keylime_input" -path '*/verify_ascii_parallel (all cores)/new/estimates.json' | head -1)"
 echo "== keylime again, $RUNS runs" >&2
 KEYLIME_JSON_2="$(run_keylime)"
 echo "$KEYLIME_JSON_2" >&2
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 
-python3 - "$KEYLIME_JSON" "$EST" "$VERIFY_EST" "$ENTRIES" "$PATHS" "$KEYLIME_VERSION" "$TWO_STEP_EST" "$PAR_EST" "$LOAD_BEFORE" "$LOAD_AFTER" "$KEYLIME_JSON_2" "$SERVER_EST" <<'PY'
+python3 - "$KEYLIME_JSON" "$EST" "$VERIFY_EST" "$ENTRIES" "$PATHS" "$KEYLIME_VERSION" "$TWO_STEP_EST" "$PAR_EST" "$LOAD_BEFORE" "$LOAD_AFTER" "$KEYLIME_JSON_2" "$SERVER_EST" "$SERVER_PAR_EST" <<'PY'
 import json, os, statistics, sys
 n = int(sys.argv[4])
 times = json.loads(sys.argv[1])["times"] + json.loads(sys.argv[11])["times"]
@@ -98,6 +100,7 @@ ours_verify = rate(sys.argv[3])
 ours_two_step = rate(sys.argv[7])
 ours_par = rate(sys.argv[8])
 ours_server = rate(sys.argv[12])
+ours_server_par = rate(sys.argv[13])
 cores = len(os.sched_getaffinity(0))
 print(f"entries: {n}, policy paths: {sys.argv[5]}, bank: sha256, cpu: {cores} cores")
 print(f"load average (1/5/15 min) before: {sys.argv[9]}, after: {sys.argv[10]}")
@@ -107,8 +110,10 @@ print(f"proto::ima verify_ascii (1 core):               {ours:>12,.0f} entries/s
 print(f"proto::ima verify_ascii_parallel ({cores} cores):     {ours_par:>12,.0f} entries/s (median)")
 print(f"proto::ima parse_ascii, then verify (1 core):   {ours_two_step:>12,.0f} entries/s (median)")
 print(f"proto::ima verify, already parsed (1 core):     {ours_verify:>12,.0f} entries/s (median)")
-print(f"server's steps: parse, replay_to_quote, judge_replayed (1 core): {ours_server:>12,.0f} entries/s (median)")
+print(f"server's steps (1 core):                        {ours_server:>12,.0f} entries/s (median)")
+print(f"server's steps ({cores} cores):                       {ours_server_par:>12,.0f} entries/s (median)")
 print(f"ratio, 1 core vs 1 core (verify_ascii / keylime):           {ours / k['entries_per_s']:>6.1f}x")
-print(f"ratio, 1 core vs 1 core (server's steps / keylime):        {ours_server / k['entries_per_s']:>6.1f}x")
+print(f"ratio, 1 core vs 1 core (server's steps / keylime):         {ours_server / k['entries_per_s']:>6.1f}x")
+print(f"ratio, {cores} cores vs 1 core (server's steps / keylime):        {ours_server_par / k['entries_per_s']:>6.1f}x")
 print(f"ratio, {cores} cores vs 1 core (verify_ascii_parallel / keylime): {ours_par / k['entries_per_s']:>6.1f}x")
 PY

@@ -780,8 +780,6 @@ pub fn check_ima_log(
         .ok()
         .and_then(|f| f.checked_add(1))
         .unwrap_or(usize::MAX);
-    let entries =
-        ima::parse_ascii_from(sent.entries.as_bytes(), first_line).map_err(ImaLogFailure::Parse)?;
     let quoted: Vec<(HashAlg, Vec<u8>)> = banks
         .iter()
         .map(|b| {
@@ -792,15 +790,20 @@ pub fn check_ima_log(
         })
         .collect();
     let quoted: Vec<(HashAlg, &[u8])> = quoted.iter().map(|(b, q)| (*b, q.as_slice())).collect();
+    // A long list (a first attestation) is parsed and hashed on every core.
     let replayed =
-        ima::replay_to_quote(entries, &start, &quoted).map_err(|m| ImaLogFailure::Replay {
-            bank: m.bank,
-            quoted: hex::encode(&m.quoted),
-            replayed_from: hex::encode(&m.replayed_from),
-            replayed: hex::encode(&m.replayed),
-            first: sent.from.saturating_add(1),
-            last: sent.from.saturating_add(m.entries as u64),
-        })?;
+        ima::replay_ascii_to_quote(sent.entries.as_bytes(), first_line, &start, &quoted, 0)
+            .map_err(|f| match f {
+                ima::ReplayFailure::Parse(e) => ImaLogFailure::Parse(e),
+                ima::ReplayFailure::Mismatch(m) => ImaLogFailure::Replay {
+                    bank: m.bank,
+                    quoted: hex::encode(&m.quoted),
+                    replayed_from: hex::encode(&m.replayed_from),
+                    replayed: hex::encode(&m.replayed),
+                    first: sent.from.saturating_add(1),
+                    last: sent.from.saturating_add(m.entries as u64),
+                },
+            })?;
     Ok(Some(CheckedIma {
         replayed,
         bank,
@@ -1288,7 +1291,7 @@ fn judge_runtime(
         );
     }
     let mut record = previous.cloned().unwrap_or_default();
-    match ima::judge_replayed(ima.replayed, policy) {
+    match ima::judge_replayed(ima.replayed, policy, 0) {
         Ok(outcome) => {
             record.failures_total = record.failures_total.saturating_add(outcome.failures_total);
             let room = MAX_RUNTIME_FAULTS.saturating_sub(record.faults.len());

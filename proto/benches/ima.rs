@@ -124,18 +124,23 @@ fn run_list(
         })
     });
     // What the server runs: its log step (parse, replay to the quote,
-    // template hashes once), then its whitelist step (the policy only).
+    // template hashes once), then its whitelist step (the policy only);
+    // on one thread, and on every core as the server does.
     let quoted = out.new_state.pcr10(HashAlg::Sha256).unwrap().to_vec();
-    let server_steps = || {
-        let e = ima::parse_ascii_from(black_box(log), 1).unwrap();
-        let r = ima::replay_to_quote(e, &start, &[(HashAlg::Sha256, &quoted)]).unwrap();
-        ima::judge_replayed(&r, policy).unwrap()
+    let server_steps = |threads: usize| {
+        let q = [(HashAlg::Sha256, quoted.as_slice())];
+        let r = ima::replay_ascii_to_quote(black_box(log), 1, &start, &q, threads).unwrap();
+        ima::judge_replayed(&r, policy, threads).unwrap()
     };
-    assert_eq!(server_steps(), out);
+    assert_eq!(server_steps(1), out);
+    assert_eq!(server_steps(0), out);
     g.bench_function(
-        "server steps (parse, replay_to_quote, judge_replayed)",
-        |b| b.iter(|| black_box(server_steps())),
+        "server steps (replay_ascii_to_quote, judge_replayed)",
+        |b| b.iter(|| black_box(server_steps(1))),
     );
+    g.bench_function("server steps (all cores)", |b| {
+        b.iter(|| black_box(server_steps(0)))
+    });
     g.bench_function("verify_ascii (streaming)", |b| {
         b.iter(|| {
             black_box(

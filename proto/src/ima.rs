@@ -1268,103 +1268,298 @@ impl Replayed {
     }
 }
 
+/// Why an ascii list was not replayed to the quote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayFailure {
+    #[error("{0}")]
+    Parse(#[from] ImaError),
+    #[error("PCR 10 ({}) never reaches the quote", .0.bank)]
+    Mismatch(ReplayMismatch),
+}
+
 /// Replay `entries` (the continuation after `start`) in every bank of
 /// `quoted` (bank, quoted PCR 10) and keep the shortest prefix, maybe
 /// empty, after which every bank equals its quote: the list is read after
 /// the quote, so it may run past it. Banks `start` lacks start at zero.
 pub fn replay_to_quote(
-    mut entries: Vec<ImaEntry>,
+    entries: Vec<ImaEntry>,
     start: &ImaState,
     quoted: &[(HashAlg, &[u8])],
 ) -> Result<Replayed, ReplayMismatch> {
-    let mut start = start.clone();
-    for (b, _) in quoted {
-        start.ensure_bank(*b);
-    }
     let banks: Vec<HashAlg> = quoted.iter().map(|(b, _)| *b).collect();
-    let mut pcrs: Vec<DigestBytes> = banks
-        .iter()
-        .map(|b| {
-            DigestBytes::from_slice(start.pcr10(*b).unwrap_or_default())
-                .unwrap_or(DigestBytes::filled(0, 0))
-        })
-        .collect();
-    let reached = |pcrs: &[DigestBytes]| {
-        quoted
-            .iter()
-            .zip(pcrs)
-            .all(|((_, q), p)| p.as_slice() == *q)
-    };
-    let mut mismatched = Vec::new();
-    let mut covered = reached(&pcrs).then_some(0);
-    let mut hashes = Vec::with_capacity(STREAM_CHUNK * banks.len());
-    let mut done = 0usize;
-    for chunk in entries.chunks(STREAM_CHUNK) {
-        if covered.is_some() || banks.is_empty() {
-            break;
-        }
-        hashes.clear();
-        hash_entries(chunk, &banks, &mut hashes, |i, _, _, _| {
-            mismatched.push(done + i);
-        });
-        for (i, row) in hashes.chunks_exact(banks.len()).enumerate() {
-            for ((alg, pcr), th) in banks.iter().zip(pcrs.iter_mut()).zip(row) {
-                *pcr = extend(*alg, pcr, th);
-            }
-            if reached(&pcrs) {
-                covered = Some(done + i + 1);
-                break;
-            }
-        }
-        done += chunk.len();
-    }
-    let Some(covered) = covered else {
-        let (bank, q) = quoted.first().copied().unwrap_or((HashAlg::Sha256, &[]));
-        return Err(ReplayMismatch {
-            bank,
-            quoted: q.to_vec(),
-            replayed_from: start.pcr10(bank).unwrap_or_default().to_vec(),
-            replayed: pcrs
-                .first()
-                .map(|p| p.as_slice().to_vec())
-                .unwrap_or_default(),
-            entries: entries.len(),
-        });
-    };
-    entries.truncate(covered);
-    mismatched.retain(|i| *i < covered);
-    let mut end = start.clone();
-    for (b, p) in banks.iter().zip(&pcrs) {
-        if let Some(v) = end.banks.iter_mut().find(|v| v.bank == *b) {
-            v.pcr10 = p.as_slice().to_vec();
-        }
-    }
-    end.entries_verified = start.entries_verified.saturating_add(covered as u64);
-    Ok(Replayed {
-        entries,
-        start,
-        end,
-        mismatched,
-    })
+    let mut hashed = Hashed::default();
+    hashed.add(entries, &banks);
+    hashed.chain(start, quoted)
 }
+
+/// [`parse_ascii_from`] then [`replay_to_quote`], with the parsing and
+/// hashing of a list of [`PARALLEL_MIN_BYTES`] or more spread over up to
+/// [`parallel_threads`]`(max_threads)` threads (pieces of ~128 KiB cut at
+/// line boundaries); the extend chain runs in list order after them. The
+/// result, or the first bad line's error with its numbers, is the same.
+pub fn replay_ascii_to_quote(
+    input: &[u8],
+    first_line: usize,
+    start: &ImaState,
+    quoted: &[(HashAlg, &[u8])],
+    max_threads: usize,
+) -> Result<Replayed, ReplayFailure> {
+    let threads = parallel_threads(max_threads);
+    if threads < 2 || input.len() < PARALLEL_MIN_BYTES {
+        let entries = parse_ascii_from(input, first_line)?;
+        return replay_to_quote(entries, start, quoted).map_err(ReplayFailure::Mismatch);
+    }
+    replay_ascii_pieces(input, first_line, start, quoted, threads, PIECE_BYTES)
+}
+
+/// [`replay_ascii_to_quote`] on exactly `threads` threads with pieces of
+/// `piece_bytes`, whatever the list's size; for tests and benches.
+#[doc(hidden)]
+pub fn replay_ascii_pieces(
+    input: &[u8],
+    first_line: usize,
+    start: &ImaState,
+    quoted: &[(HashAlg, &[u8])],
+    threads: usize,
+    piece_bytes: usize,
+) -> Result<Replayed, ReplayFailure> {
+    let banks: Vec<HashAlg> = quoted.iter().map(|(b, _)| *b).collect();
+    let ranges = split_lines(input, piece_bytes);
+    // Each piece parsed as if it began the list (line 0, entry 1), then
+    // renumbered in order.
+    let pieces = on_threads(ranges.len(), threads, |i| {
+        let text = ranges
+            .get(i)
+            .and_then(|r| input.get(r.clone()))
+            .unwrap_or_default();
+        let entries = parse_ascii_from(text, 0)?;
+        let mut piece = Hashed::default();
+        piece.add(entries, &banks);
+        Ok::<_, ImaError>((piece, text.iter().filter(|b| **b == b'\n').count()))
+    });
+    let mut hashed = Hashed::default();
+    let mut line = first_line;
+    for piece in pieces {
+        let (mut piece, newlines) =
+            piece.map_err(|e| shift_error(e, line, hashed.entries.len()))?;
+        for e in &mut piece.entries {
+            e.line += line;
+        }
+        hashed.append(piece);
+        line += newlines;
+    }
+    hashed.chain(start, quoted).map_err(ReplayFailure::Mismatch)
+}
+
+/// Parsed entries with their template hashes (per entry, one per bank).
+#[derive(Debug, Default)]
+struct Hashed {
+    entries: Vec<ImaEntry>,
+    hashes: Vec<DigestBytes>,
+    /// Positions whose data does not hash to their logged template hash.
+    mismatched: Vec<usize>,
+}
+
+impl Hashed {
+    fn add(&mut self, entries: Vec<ImaEntry>, banks: &[HashAlg]) {
+        let base = self.entries.len();
+        self.hashes.reserve(entries.len() * banks.len());
+        let mismatched = &mut self.mismatched;
+        hash_entries(&entries, banks, &mut self.hashes, |i, _, _, _| {
+            mismatched.push(base + i);
+        });
+        self.entries.extend(entries);
+    }
+
+    fn append(&mut self, mut later: Hashed) {
+        let base = self.entries.len();
+        self.entries.append(&mut later.entries);
+        self.hashes.append(&mut later.hashes);
+        self.mismatched
+            .extend(later.mismatched.into_iter().map(|i| base + i));
+    }
+
+    /// Extend from `start` in each quoted bank, in `quoted`'s order (the
+    /// banks the hashes were made for), up to the first entry after which
+    /// every bank equals its quote.
+    fn chain(
+        self,
+        start: &ImaState,
+        quoted: &[(HashAlg, &[u8])],
+    ) -> Result<Replayed, ReplayMismatch> {
+        let mut start = start.clone();
+        for (b, _) in quoted {
+            start.ensure_bank(*b);
+        }
+        let mut pcrs: Vec<DigestBytes> = quoted
+            .iter()
+            .map(|(b, _)| {
+                DigestBytes::from_slice(start.pcr10(*b).unwrap_or_default())
+                    .unwrap_or(DigestBytes::filled(0, 0))
+            })
+            .collect();
+        let reached = |pcrs: &[DigestBytes]| {
+            quoted
+                .iter()
+                .zip(pcrs)
+                .all(|((_, q), p)| p.as_slice() == *q)
+        };
+        let mut covered = reached(&pcrs).then_some(0);
+        if covered.is_none() && !quoted.is_empty() {
+            for (i, row) in self.hashes.chunks_exact(quoted.len()).enumerate() {
+                for (((alg, _), pcr), th) in quoted.iter().zip(pcrs.iter_mut()).zip(row) {
+                    *pcr = extend(*alg, pcr, th);
+                }
+                if reached(&pcrs) {
+                    covered = Some(i + 1);
+                    break;
+                }
+            }
+        }
+        let Hashed {
+            mut entries,
+            mut mismatched,
+            ..
+        } = self;
+        let Some(covered) = covered else {
+            let (bank, q) = quoted.first().copied().unwrap_or((HashAlg::Sha256, &[]));
+            return Err(ReplayMismatch {
+                bank,
+                quoted: q.to_vec(),
+                replayed_from: start.pcr10(bank).unwrap_or_default().to_vec(),
+                replayed: pcrs
+                    .first()
+                    .map(|p| p.as_slice().to_vec())
+                    .unwrap_or_default(),
+                entries: entries.len(),
+            });
+        };
+        entries.truncate(covered);
+        mismatched.retain(|i| *i < covered);
+        let mut end = start.clone();
+        for ((b, _), p) in quoted.iter().zip(&pcrs) {
+            if let Some(v) = end.banks.iter_mut().find(|v| v.bank == *b) {
+                v.pcr10 = p.as_slice().to_vec();
+            }
+        }
+        end.entries_verified = start.entries_verified.saturating_add(covered as u64);
+        Ok(Replayed {
+            entries,
+            start,
+            end,
+            mismatched,
+        })
+    }
+}
+
+/// `f(i)` for each `i` in `0..n`, on up to `threads` scoped threads (the
+/// caller's among them) taking indexes in order; results in index order.
+fn on_threads<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                return done;
+            }
+            done.push((i, f(i)));
+        }
+    };
+    let mut all = std::thread::scope(|s| {
+        let others: Vec<_> = (1..threads.min(n)).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for h in others {
+            match h.join() {
+                Ok(done) => all.extend(done),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        all
+    });
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Entries per piece when [`judge_replayed`] spreads a list over threads.
+const JUDGE_PIECE: usize = 16 * STREAM_CHUNK;
+/// Entries in a list of [`PARALLEL_MIN_BYTES`] or so (~110 bytes a line).
+const PARALLEL_MIN_ENTRIES: usize = PARALLEL_MIN_BYTES / 110;
 
 /// Judge replayed entries against `policy`: the failures (template hashes
 /// that do not match, then the policy's) of [`verify`] on the same entries
 /// and state, without hashing again. `new_state` is the replay's end.
+/// A list as long as [`PARALLEL_MIN_BYTES`] of text is judged on up to
+/// [`parallel_threads`]`(max_threads)` threads, with the same result.
 pub fn judge_replayed(
     replayed: &Replayed,
     policy: &RuntimePolicy,
+    max_threads: usize,
+) -> Result<ImaOutcome, PolicyError> {
+    let threads = parallel_threads(max_threads);
+    let threads = if replayed.entries.len() < PARALLEL_MIN_ENTRIES {
+        1
+    } else {
+        threads
+    };
+    judge_replayed_on(replayed, policy, threads, JUDGE_PIECE)
+}
+
+/// [`judge_replayed`] on exactly `threads` threads with pieces of `piece`
+/// entries; for tests and benches.
+#[doc(hidden)]
+pub fn judge_replayed_on(
+    replayed: &Replayed,
+    policy: &RuntimePolicy,
+    threads: usize,
+    piece: usize,
 ) -> Result<ImaOutcome, PolicyError> {
     let compiled = policy.compiled()?;
+    let piece = piece.max(1);
+    let n = replayed.entries.len().div_ceil(piece);
+    let parts = if threads < 2 {
+        (0..n)
+            .map(|i| judge_range(replayed, compiled, i * piece, piece))
+            .collect()
+    } else {
+        on_threads(n, threads, |i| {
+            judge_range(replayed, compiled, i * piece, piece)
+        })
+    };
     let mut failures = Failures::default();
-    let mut mismatched = replayed.mismatched.iter().copied().peekable();
+    for part in parts {
+        failures.absorb(part.list, part.total);
+    }
+    Ok(ImaOutcome {
+        new_state: replayed.end.clone(),
+        entries_checked: replayed.entries.len() as u64,
+        failures: failures.list,
+        failures_total: failures.total,
+    })
+}
+
+/// The failures of the `len` replayed entries from position `from`.
+fn judge_range(
+    replayed: &Replayed,
+    compiled: &CompiledPolicy,
+    from: usize,
+    len: usize,
+) -> Failures {
     let base = replayed.start.entries_verified;
-    for (n, chunk) in replayed.entries.chunks(STREAM_CHUNK).enumerate() {
-        let first = n * STREAM_CHUNK;
-        let index_base = base + first as u64;
-        let policy = judge_policy(chunk, compiled, index_base);
+    let entries = replayed
+        .entries
+        .get(from..(from + len).min(replayed.entries.len()))
+        .unwrap_or_default();
+    let mismatched = &replayed.mismatched;
+    let mut next = mismatched.partition_point(|i| *i < from);
+    let mut failures = Failures::default();
+    for (n, chunk) in entries.chunks(STREAM_CHUNK).enumerate() {
+        let first = from + n * STREAM_CHUNK;
+        let policy = judge_policy(chunk, compiled, base + first as u64);
         let mut templates = Failures::default();
-        while let Some(i) = mismatched.next_if(|i| *i < first + chunk.len()) {
+        while let Some(&i) = mismatched.get(next).filter(|i| **i < first + chunk.len()) {
+            next += 1;
             let Some(e) = replayed.entries.get(i) else {
                 continue;
             };
@@ -1377,12 +1572,7 @@ pub fn judge_replayed(
         }
         merge_failures(&mut failures, templates, policy);
     }
-    Ok(ImaOutcome {
-        new_state: replayed.end.clone(),
-        entries_checked: replayed.entries.len() as u64,
-        failures: failures.list,
-        failures_total: failures.total,
-    })
+    failures
 }
 
 /// Entries parsed and verified per round by [`verify_ascii`].
@@ -2606,8 +2796,19 @@ mod tests {
         bank: HashAlg,
     ) -> Result<ImaOutcome, ImaError> {
         let seq = verify_ascii(input, first_line, policy, state, bank);
-        if let Ok(seq) = &seq {
-            replay_agrees(input, first_line, policy, state, seq);
+        match &seq {
+            Ok(seq) => replay_agrees(input, first_line, policy, state, seq),
+            Err(e) => {
+                // The server's log step refuses the same line the same way.
+                let quoted = [(bank, [0u8; 32].as_slice())];
+                for piece in [1, 97, 1000, 1 << 20] {
+                    assert_eq!(
+                        replay_ascii_pieces(input, first_line, state, &quoted, 2, piece),
+                        Err(ReplayFailure::Parse(e.clone())),
+                        "piece {piece} bytes"
+                    );
+                }
+            }
         }
         for piece in [1, 97, 150, 1000, 7000, 1 << 20] {
             for threads in [2, 3, 4] {
@@ -2639,17 +2840,34 @@ mod tests {
         let q: Vec<(HashAlg, &[u8])> = quoted.iter().map(|(b, v)| (*b, v.as_slice())).collect();
         let mut longer = entries.clone();
         longer.extend(parse_ascii(one_line()).unwrap());
-        for list in [entries, longer] {
-            let r = replay_to_quote(list, state, &q).unwrap();
-            assert_eq!(r.end, expected.new_state);
-            assert_eq!(&judge_replayed(&r, policy).unwrap(), expected);
+        let r = replay_to_quote(longer, state, &q).unwrap();
+        assert_eq!(r.end, expected.new_state);
+        assert_eq!(&judge_replayed(&r, policy, 1).unwrap(), expected);
+        let r = replay_to_quote(entries, state, &q).unwrap();
+        assert_eq!(&judge_replayed(&r, policy, 0).unwrap(), expected);
+        // Spread over threads, in pieces as small as one line or entry.
+        for piece in [1, 150, 7000, 1 << 20] {
+            for threads in [2, 3] {
+                let par = replay_ascii_pieces(input, first_line, state, &q, threads, piece);
+                assert_eq!(
+                    par.as_ref(),
+                    Ok(&r),
+                    "piece {piece} bytes, {threads} threads"
+                );
+            }
+        }
+        for piece in [1, 63, 64, 1000] {
+            for threads in [1, 2, 3] {
+                let out = judge_replayed_on(&r, policy, threads, piece).unwrap();
+                assert_eq!(&out, expected, "piece {piece} entries, {threads} threads");
+            }
         }
         // Bank order is the quote's; the outcome is not.
         let reversed: Vec<(HashAlg, &[u8])> = q.iter().rev().copied().collect();
         let entries = parse_ascii_from(input, first_line).unwrap();
         let r = replay_to_quote(entries, state, &reversed).unwrap();
         assert_eq!(
-            judge_replayed(&r, policy).unwrap().failures,
+            judge_replayed(&r, policy, 1).unwrap().failures,
             expected.failures
         );
     }
@@ -2950,6 +3168,14 @@ mod tests {
         assert_eq!(e.replayed, full);
         assert_eq!(e.replayed_from, vec![0u8; 32]);
         assert_eq!(e.quoted, q256);
+        let both = [
+            (HashAlg::Sha256, q256.as_slice()),
+            (HashAlg::Sha1, other.as_slice()),
+        ];
+        assert_eq!(
+            replay_ascii_pieces(RK_LIST, 1, &start, &both, 2, 97),
+            Err(ReplayFailure::Mismatch(e))
+        );
         // Two lines swapped: the quote of the true order is never reached.
         let mut swapped = good.clone();
         swapped.swap(10, 11);

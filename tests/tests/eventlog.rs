@@ -5,7 +5,9 @@
 //! event named, once the log it sends is altered. IMA: entries extended
 //! into PCR 10 and allowed by a runtime policy are trusted; one more entry
 //! the policy does not know makes the host untrusted, naming the file, and
-//! only the new entry is sent (incremental verification).
+//! only the new entry is sent (incremental verification). A first list
+//! over 1 MiB goes through the server's multi-core path with the same
+//! result.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -349,5 +351,90 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
     agent.await??;
     pool.stop().await;
     drop(tpm);
+    Ok(())
+}
+
+/// A host's whole list, over 1 MiB (as at a first attestation after boot):
+/// the server parses and hashes it on every core, off the async workers,
+/// and judges it as it would a short one; one wrong digest deep in it is
+/// named by path and position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_list_is_verified_on_every_core_with_its_bad_entry_named() -> anyhow::Result<()> {
+    test_support::require_tools()?;
+    let tpm = SwTpm::start()?;
+    let files: Vec<String> = (0..10_000)
+        .map(|i| format!("/usr/lib/x86_64-linux-gnu/long-list/lib{i:05}.so.1"))
+        .collect();
+    let entries: Vec<ImaEntry> = files.iter().map(|f| entry(f)).collect();
+    let text = ima::encode_ascii(&entries);
+    assert!(
+        text.len() >= ima::PARALLEL_MIN_BYTES,
+        "{} bytes",
+        text.len()
+    );
+    let hashes: Vec<String> = entries
+        .iter()
+        .map(|e| hex::encode(e.template_hash_for(HashAlg::Sha256).as_slice()))
+        .collect();
+    tpm.pcr_extend_all(10, "sha256", &hashes)?;
+    let pool = Pool::start(&[("node1", tpm.tcti())], 1, |c| {
+        c.ek_ca = tpm.local_ca_certs();
+        // A runtime policy of 10,000 paths is a ~1.2 MB request.
+        c.max_body_bytes = 4 * 1024 * 1024;
+    })
+    .await?;
+    let ima_path = pool.path("ascii_runtime_measurements");
+    std::fs::write(&ima_path, &text)?;
+    let (stop, agent) = spawn_agent(&pool, "node1", &pool.path("no-uefi"), &ima_path)?;
+    pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
+        .await?;
+
+    // Every file allowed, but entry 7,778's with another digest.
+    let bad = 7_777;
+    let digests: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let content = if i == bad { "tampered" } else { f.as_str() };
+            let d = hex::encode(HashAlg::Sha256.hash(&[content.as_bytes()]));
+            (f.clone(), json!([format!("sha256:{d}")]))
+        })
+        .collect();
+    let changed_at = chrono::Utc::now();
+    judge_by(&pool, json!({"runtime": {"runtime": {"digests": digests}}})).await?;
+    let judged = verdict_after(&pool, changed_at, "the whole list judged", |t| {
+        t.reasons
+            .first()
+            .is_some_and(|r| r.code == "ima_digest_mismatch")
+    })
+    .await?;
+    assert_eq!(judged.trust, Trust::Untrusted);
+    assert_eq!(judged.reasons.len(), 1, "{judged:?}");
+    let reason = &judged.reasons[0];
+    assert!(
+        reason.message.contains(&files[bad])
+            && reason.message.contains(&format!("entry {}", bad + 1)),
+        "{reason:?}"
+    );
+    let state = pool
+        .state
+        .store
+        .host("node1")
+        .await?
+        .and_then(|r| r.ima_state)
+        .expect("an IMA state is stored");
+    assert_eq!(state.state.entries_verified, 10_000);
+    assert_eq!(
+        state.state.pcr10(HashAlg::Sha256),
+        Some(
+            tpm.pcr_read("sha256", 10)
+                .map(|h| hex::decode(h).unwrap())?
+                .as_slice()
+        )
+    );
+
+    let _ = stop.send(());
+    agent.await??;
+    pool.stop().await;
     Ok(())
 }

@@ -125,6 +125,23 @@ impl SwTpm {
         Ok(())
     }
 
+    /// Extends PCR `index` of `bank` with each of `digests_hex` in order,
+    /// a few hundred per tpm2_pcrextend run (a long IMA list in seconds).
+    pub fn pcr_extend_all(
+        &self,
+        index: u8,
+        bank: &str,
+        digests_hex: &[String],
+    ) -> anyhow::Result<()> {
+        for chunk in digests_hex.chunks(200) {
+            self.run_tool(
+                "tpm2_pcrextend",
+                chunk.iter().map(|d| format!("{index}:{bank}={d}")),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Reads PCR `index` of `bank`, as lowercase hex.
     pub fn pcr_read(&self, bank: &str, index: u8) -> anyhow::Result<String> {
         let out = tempfile::NamedTempFile::new_in(self.dir.path())
