@@ -1289,14 +1289,17 @@ pub fn replay_to_quote(
     let banks: Vec<HashAlg> = quoted.iter().map(|(b, _)| *b).collect();
     let mut hashed = Hashed::default();
     hashed.add(entries, &banks);
-    hashed.chain(start, quoted)
+    let mut chain = Chain::new(start, quoted);
+    chain.feed(&hashed.hashes);
+    chain.finish(hashed.entries, hashed.mismatched)
 }
 
 /// [`parse_ascii_from`] then [`replay_to_quote`], with the parsing and
 /// hashing of a list of [`PARALLEL_MIN_BYTES`] or more spread over up to
 /// [`parallel_threads`]`(max_threads)` threads (pieces of ~128 KiB cut at
-/// line boundaries); the extend chain runs in list order after them. The
-/// result, or the first bad line's error with its numbers, is the same.
+/// line boundaries); the extend chain takes the pieces in list order as
+/// they complete. The result, or the first bad line's error with its
+/// numbers, is the same.
 pub fn replay_ascii_to_quote(
     input: &[u8],
     first_line: usize,
@@ -1325,30 +1328,51 @@ pub fn replay_ascii_pieces(
 ) -> Result<Replayed, ReplayFailure> {
     let banks: Vec<HashAlg> = quoted.iter().map(|(b, _)| *b).collect();
     let ranges = split_lines(input, piece_bytes);
+    let mut chain = Chain::new(start, quoted);
+    let mut pieces: Vec<Result<(Hashed, usize), ImaError>> = Vec::with_capacity(ranges.len());
     // Each piece parsed as if it began the list (line 0, entry 1), then
-    // renumbered in order.
-    let pieces = on_threads(ranges.len(), threads, |i| {
-        let text = ranges
-            .get(i)
-            .and_then(|r| input.get(r.clone()))
-            .unwrap_or_default();
-        let entries = parse_ascii_from(text, 0)?;
-        let mut piece = Hashed::default();
-        piece.add(entries, &banks);
-        Ok::<_, ImaError>((piece, text.iter().filter(|b| **b == b'\n').count()))
-    });
-    let mut hashed = Hashed::default();
+    // renumbered in order; the chain stops at the first bad piece.
+    on_threads(
+        ranges.len(),
+        threads,
+        |i| {
+            let text = ranges
+                .get(i)
+                .and_then(|r| input.get(r.clone()))
+                .unwrap_or_default();
+            let entries = parse_ascii_from(text, 0)?;
+            let mut piece = Hashed::default();
+            piece.add(entries, &banks);
+            Ok((piece, text.iter().filter(|b| **b == b'\n').count()))
+        },
+        |mut p| {
+            let whole = pieces.iter().all(Result::is_ok);
+            if let (true, Ok((piece, _))) = (whole, &mut p) {
+                chain.feed(&piece.hashes);
+                piece.hashes = Vec::new();
+            }
+            pieces.push(p);
+        },
+    );
+    // One copy of each entry into a list reserved whole (the pieces are
+    // tens of megabytes on a long list).
+    let ok = pieces.iter().filter_map(|p| p.as_ref().ok());
+    let mut entries = Vec::with_capacity(ok.map(|(p, _)| p.entries.len()).sum());
+    let mut mismatched = Vec::new();
     let mut line = first_line;
     for piece in pieces {
-        let (mut piece, newlines) =
-            piece.map_err(|e| shift_error(e, line, hashed.entries.len()))?;
-        for e in &mut piece.entries {
+        let (piece, newlines) = piece.map_err(|e| shift_error(e, line, entries.len()))?;
+        let base = entries.len();
+        mismatched.extend(piece.mismatched.iter().map(|i| base + i));
+        entries.extend(piece.entries.into_iter().map(|mut e| {
             e.line += line;
-        }
-        hashed.append(piece);
+            e
+        }));
         line += newlines;
     }
-    hashed.chain(start, quoted).map_err(ReplayFailure::Mismatch)
+    chain
+        .finish(entries, mismatched)
+        .map_err(ReplayFailure::Mismatch)
 }
 
 /// Parsed entries with their template hashes (per entry, one per bank).
@@ -1368,57 +1392,88 @@ impl Hashed {
         hash_entries(&entries, banks, &mut self.hashes, |i, _, _, _| {
             mismatched.push(base + i);
         });
-        self.entries.extend(entries);
+        if self.entries.is_empty() {
+            self.entries = entries;
+        } else {
+            self.entries.extend(entries);
+        }
     }
+}
 
-    fn append(&mut self, mut later: Hashed) {
-        let base = self.entries.len();
-        self.entries.append(&mut later.entries);
-        self.hashes.append(&mut later.hashes);
-        self.mismatched
-            .extend(later.mismatched.into_iter().map(|i| base + i));
-    }
+/// PCR 10 extended from a stored state in each quoted bank, entry by entry,
+/// until every bank equals its quote.
+struct Chain<'q> {
+    quoted: &'q [(HashAlg, &'q [u8])],
+    start: ImaState,
+    pcrs: Vec<DigestBytes>,
+    /// Entries extended so far.
+    seen: usize,
+    /// Entries after which every bank was at its quote.
+    covered: Option<usize>,
+}
 
-    /// Extend from `start` in each quoted bank, in `quoted`'s order (the
-    /// banks the hashes were made for), up to the first entry after which
-    /// every bank equals its quote.
-    fn chain(
-        self,
-        start: &ImaState,
-        quoted: &[(HashAlg, &[u8])],
-    ) -> Result<Replayed, ReplayMismatch> {
+impl<'q> Chain<'q> {
+    fn new(start: &ImaState, quoted: &'q [(HashAlg, &'q [u8])]) -> Self {
         let mut start = start.clone();
         for (b, _) in quoted {
             start.ensure_bank(*b);
         }
-        let mut pcrs: Vec<DigestBytes> = quoted
+        let pcrs = quoted
             .iter()
             .map(|(b, _)| {
                 DigestBytes::from_slice(start.pcr10(*b).unwrap_or_default())
                     .unwrap_or(DigestBytes::filled(0, 0))
             })
             .collect();
-        let reached = |pcrs: &[DigestBytes]| {
-            quoted
-                .iter()
-                .zip(pcrs)
-                .all(|((_, q), p)| p.as_slice() == *q)
+        let mut chain = Self {
+            quoted,
+            start,
+            pcrs,
+            seen: 0,
+            covered: None,
         };
-        let mut covered = reached(&pcrs).then_some(0);
-        if covered.is_none() && !quoted.is_empty() {
-            for (i, row) in self.hashes.chunks_exact(quoted.len()).enumerate() {
-                for (((alg, _), pcr), th) in quoted.iter().zip(pcrs.iter_mut()).zip(row) {
-                    *pcr = extend(*alg, pcr, th);
-                }
-                if reached(&pcrs) {
-                    covered = Some(i + 1);
-                    break;
-                }
+        if chain.reached() {
+            chain.covered = Some(0);
+        }
+        chain
+    }
+
+    fn reached(&self) -> bool {
+        self.quoted
+            .iter()
+            .zip(&self.pcrs)
+            .all(|((_, q), p)| p.as_slice() == *q)
+    }
+
+    /// Extend with the next entries' template hashes (per entry, one per
+    /// quoted bank, in `quoted`'s order).
+    fn feed(&mut self, hashes: &[DigestBytes]) {
+        if self.covered.is_some() || self.quoted.is_empty() {
+            return;
+        }
+        for row in hashes.chunks_exact(self.quoted.len()) {
+            for (((alg, _), pcr), th) in self.quoted.iter().zip(self.pcrs.iter_mut()).zip(row) {
+                *pcr = extend(*alg, pcr, th);
+            }
+            self.seen += 1;
+            if self.reached() {
+                self.covered = Some(self.seen);
+                return;
             }
         }
-        let Hashed {
-            mut entries,
-            mut mismatched,
+    }
+
+    /// The covered prefix of `entries` (every entry fed), or the mismatch.
+    fn finish(
+        self,
+        mut entries: Vec<ImaEntry>,
+        mut mismatched: Vec<usize>,
+    ) -> Result<Replayed, ReplayMismatch> {
+        let Self {
+            quoted,
+            start,
+            pcrs,
+            covered,
             ..
         } = self;
         let Some(covered) = covered else {
@@ -1453,33 +1508,64 @@ impl Hashed {
 }
 
 /// `f(i)` for each `i` in `0..n`, on up to `threads` scoped threads (the
-/// caller's among them) taking indexes in order; results in index order.
-fn on_threads<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+/// caller's among them) taking indexes in order. `take` gets the results
+/// in index order, on the caller's thread, as soon as each and every
+/// earlier one are done (between the caller's own items): ordered work
+/// such as an extend chain overlaps the rest.
+fn on_threads<T: Send>(
+    n: usize,
+    threads: usize,
+    f: impl Fn(usize) -> T + Sync,
+    mut take: impl FnMut(T),
+) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
-    let work = || {
-        let mut done = Vec::new();
+    let mut ready: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    let mut given = 0usize;
+    let mut give = |ready: &mut Vec<Option<T>>| {
+        while let Some(t) = ready.get_mut(given).and_then(Option::take) {
+            take(t);
+            given += 1;
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, T)>();
+    std::thread::scope(|s| {
+        for _ in 1..threads.min(n) {
+            let (tx, next, f) = (tx.clone(), &next, &f);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || tx.send((i, f(i))).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(tx);
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= n {
-                return done;
+                break;
             }
-            done.push((i, f(i)));
-        }
-    };
-    let mut all = std::thread::scope(|s| {
-        let others: Vec<_> = (1..threads.min(n)).map(|_| s.spawn(work)).collect();
-        let mut all = work();
-        for h in others {
-            match h.join() {
-                Ok(done) => all.extend(done),
-                Err(panic) => std::panic::resume_unwind(panic),
+            let t = f(i);
+            if let Some(slot) = ready.get_mut(i) {
+                *slot = Some(t);
             }
+            while let Ok((j, t)) = rx.try_recv() {
+                if let Some(slot) = ready.get_mut(j) {
+                    *slot = Some(t);
+                }
+            }
+            give(&mut ready);
         }
-        all
+        // Our share is done: the others' results as they come (the
+        // channel closes when every worker has returned).
+        for (j, t) in rx {
+            if let Some(slot) = ready.get_mut(j) {
+                *slot = Some(t);
+            }
+            give(&mut ready);
+        }
+        give(&mut ready);
     });
-    all.sort_by_key(|(i, _)| *i);
-    all.into_iter().map(|(_, t)| t).collect()
 }
 
 /// Entries per piece when [`judge_replayed`] spreads a list over threads.
@@ -1518,19 +1604,13 @@ pub fn judge_replayed_on(
     let compiled = policy.compiled()?;
     let piece = piece.max(1);
     let n = replayed.entries.len().div_ceil(piece);
-    let parts = if threads < 2 {
-        (0..n)
-            .map(|i| judge_range(replayed, compiled, i * piece, piece))
-            .collect()
-    } else {
-        on_threads(n, threads, |i| {
-            judge_range(replayed, compiled, i * piece, piece)
-        })
-    };
     let mut failures = Failures::default();
-    for part in parts {
-        failures.absorb(part.list, part.total);
-    }
+    on_threads(
+        n,
+        threads,
+        |i| judge_range(replayed, compiled, i * piece, piece),
+        |part| failures.absorb(part.list, part.total),
+    );
     Ok(ImaOutcome {
         new_state: replayed.end.clone(),
         entries_checked: replayed.entries.len() as u64,
