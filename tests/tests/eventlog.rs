@@ -243,6 +243,16 @@ async fn altered_uefi_log_is_untrusted_naming_pcr_and_event() -> anyhow::Result<
     Ok(())
 }
 
+/// node1's IMA state as the server stored it.
+async fn stored_ima_state(pool: &Pool) -> anyhow::Result<attestation_server::verify::HostImaState> {
+    pool.state
+        .store
+        .host("node1")
+        .await?
+        .and_then(|r| r.ima_state)
+        .ok_or_else(|| anyhow::anyhow!("no IMA state is stored for node1"))
+}
+
 /// An `ima-ng` entry with a sha256 file digest made from its path.
 fn entry(path: &str) -> ImaEntry {
     let digest = HashAlg::Sha256.hash(&[path.as_bytes()]);
@@ -287,13 +297,7 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
     })
     .await?;
     assert!(trusted.reasons.is_empty(), "{trusted:?}");
-    let state = pool
-        .state
-        .store
-        .host("node1")
-        .await?
-        .and_then(|r| r.ima_state)
-        .expect("an IMA state is stored");
+    let state = stored_ima_state(&pool).await?;
     assert_eq!(state.state.entries_verified, 3);
 
     // A file the policy does not know: measured (PCR 10 extended) and
@@ -314,13 +318,7 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
         reason.message.contains("/tmp/.hidden/miner") && reason.message.contains("entry 4"),
         "{reason:?}"
     );
-    let state = pool
-        .state
-        .store
-        .host("node1")
-        .await?
-        .and_then(|r| r.ima_state)
-        .unwrap();
+    let state = stored_ima_state(&pool).await?;
     assert_eq!(
         state.state.entries_verified, 4,
         "only the new entry was sent"
@@ -416,13 +414,7 @@ async fn a_long_list_is_verified_on_every_core_with_its_bad_entry_named() -> any
             && reason.message.contains(&format!("entry {}", bad + 1)),
         "{reason:?}"
     );
-    let state = pool
-        .state
-        .store
-        .host("node1")
-        .await?
-        .and_then(|r| r.ima_state)
-        .expect("an IMA state is stored");
+    let state = stored_ima_state(&pool).await?;
     assert_eq!(state.state.entries_verified, 10_000);
     assert_eq!(
         state.state.pcr10(HashAlg::Sha256),
