@@ -76,6 +76,24 @@ fuzz_target!(|data: &[u8]| {
                 // the one-thread answer, errors and failures included.
                 let two = ima::verify_ascii_on_threads(rest, 0, p, &state, HashAlg::Sha256, 2);
                 assert_eq!(one, two, "parallel and sequential verification differ");
+                // The server's two steps (replay to the quote, then judge),
+                // in pieces on two threads, quoted where the list ends:
+                // the same outcome, or the same parse error.
+                let quoted: Vec<(HashAlg, Vec<u8>)> = match &one {
+                    Ok(o) => o.new_state.banks.iter().map(|b| (b.bank, b.pcr10.clone())).collect(),
+                    Err(_) => vec![(HashAlg::Sha256, vec![0; 32])],
+                };
+                let quoted: Vec<(HashAlg, &[u8])> =
+                    quoted.iter().map(|(b, v)| (*b, v.as_slice())).collect();
+                let replayed = ima::replay_ascii_pieces(rest, 0, &state, &quoted, 2, 64);
+                match (&one, replayed) {
+                    (Ok(o), Ok(r)) => {
+                        let judged = ima::judge_replayed_on(&r, p, 2, 3);
+                        assert_eq!(judged.as_ref().ok(), Some(o), "server steps differ");
+                    }
+                    (Err(e), Err(ima::ReplayFailure::Parse(f))) => assert_eq!(e, &f),
+                    (one, replayed) => panic!("verify_ascii {one:?}, server steps {replayed:?}"),
+                }
             }
         }
         3 => {

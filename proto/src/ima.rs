@@ -1365,10 +1365,10 @@ pub fn replay_ascii_pieces(
         let base = entries.len();
         mismatched.extend(piece.mismatched.iter().map(|i| base + i));
         entries.extend(piece.entries.into_iter().map(|mut e| {
-            e.line += line;
+            e.line = e.line.saturating_add(line);
             e
         }));
-        line += newlines;
+        line = line.saturating_add(newlines);
     }
     chain
         .finish(entries, mismatched)

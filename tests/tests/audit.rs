@@ -28,6 +28,25 @@ fn kind(e: &serde_json::Value) -> String {
         .unwrap_or_default()
 }
 
+/// The audit events once one has a reason code `pred` accepts (at most
+/// 30 s: the outbox delivers them to the JSON-lines sink).
+async fn wait_for_reason(
+    pool: &Pool,
+    pred: impl Fn(&str) -> bool,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    for _ in 0..300 {
+        let events = pool.audit_events().await?;
+        if events
+            .iter()
+            .any(|e| e["reason"]["reasonCode"].as_str().is_some_and(&pred))
+        {
+            return Ok(events);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no audit event with the reason code awaited after 30 s")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_host_leaves_a_complete_cadf_trail() -> anyhow::Result<()> {
     test_support::require_tools()?;
@@ -49,6 +68,10 @@ async fn a_real_host_leaves_a_complete_cadf_trail() -> anyhow::Result<()> {
         .await?;
     pool.wait_for("node1", "trusted", |t| t.trust == Trust::Trusted)
         .await?;
+    // The scanner samples trust states (every second here): let it see
+    // the host trusted before the change, or a loaded machine can make it
+    // miss the trusted state and report unknown -> untrusted.
+    wait_for_reason(&pool, |code| code.ends_with("_to_trusted")).await?;
     tpm.pcr_extend(7, "sha256", &"5a".repeat(32))?;
     pool.wait_for("node1", "untrusted", |t| t.trust == Trust::Untrusted)
         .await?;
@@ -63,17 +86,7 @@ async fn a_real_host_leaves_a_complete_cadf_trail() -> anyhow::Result<()> {
     agent.await??;
 
     // The scanner reported trusted -> untrusted.
-    let mut events = Vec::new();
-    for _ in 0..100 {
-        events = pool.audit_events().await?;
-        if events
-            .iter()
-            .any(|e| e["reason"]["reasonCode"] == "trusted_to_untrusted")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let events = wait_for_reason(&pool, |code| code == "trusted_to_untrusted").await?;
     let kinds: Vec<String> = events.iter().map(kind).collect();
     for k in [
         "host.create",       // enrollment (pending)
