@@ -87,23 +87,33 @@ fn load_policy(path: &Path) -> Result<(&'static str, RuntimePolicy), CtlError> {
     Ok(policy)
 }
 
-fn load_log(path: &Path) -> Result<(&'static str, Vec<ImaEntry>), CtlError> {
+/// A measurement list as read: ascii text is verified as it is parsed.
+enum Log {
+    Ascii(Vec<u8>),
+    Binary(Vec<ImaEntry>),
+}
+
+fn log_error(path: &Path) -> impl Fn(ima::ImaError) -> CtlError + '_ {
+    move |e| input_error(path, format!("{}: {e}", e.code()))
+}
+
+fn load_log(path: &Path) -> Result<(&'static str, Log), CtlError> {
     let bytes = std::fs::read(path).map_err(|e| input_error(path, e.to_string()))?;
-    let err = |e: ima::ImaError| input_error(path, format!("{}: {e}", e.code()));
     // A binary list starts with a little-endian u32 PCR index (NUL bytes);
     // anything starting with text is read, and judged, as ascii.
     let head = bytes.get(..bytes.len().min(4)).unwrap_or_default();
     if head.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
-        Ok(("ascii", ima::parse_ascii(&bytes).map_err(err)?))
+        Ok(("ascii", Log::Ascii(bytes)))
     } else {
-        Ok(("binary", ima::parse_binary(&bytes).map_err(err)?))
+        let entries = ima::parse_binary(&bytes).map_err(log_error(path))?;
+        Ok(("binary", Log::Binary(entries)))
     }
 }
 
 /// Verify and build the JSON report; `true` when everything passed.
 pub fn verify_report(args: &VerifyArgs) -> Result<(Value, bool), CtlError> {
     let (policy_format, policy) = load_policy(&args.policy)?;
-    let (log_format, entries) = load_log(&args.log)?;
+    let (log_format, log) = load_log(&args.log)?;
     let bank = HashAlg::from(args.bank);
     let quoted = match &args.pcr10 {
         Some(h) => {
@@ -120,8 +130,13 @@ pub fn verify_report(args: &VerifyArgs) -> Result<(Value, bool), CtlError> {
         None => None,
     };
     let start = ImaState::new(None, None, &[bank]);
-    let out = ima::verify(&entries, &policy, &start, bank)
-        .map_err(|e| input_error(&args.policy, format!("{}: {e}", e.code())))?;
+    let out = match &log {
+        // Parsed and judged in one pass, a long list on every core.
+        Log::Ascii(text) => ima::verify_ascii_parallel(text, 1, &policy, &start, bank, 0)
+            .map_err(log_error(&args.log))?,
+        Log::Binary(entries) => ima::verify(entries, &policy, &start, bank)
+            .map_err(|e| input_error(&args.policy, format!("{}: {e}", e.code())))?,
+    };
     let replayed = hex::encode(out.new_state.pcr10(bank).unwrap_or_default());
     let pcr_check = quoted
         .as_ref()
@@ -233,6 +248,19 @@ mod tests {
         assert_eq!(v["entries_checked"], 826);
         assert_eq!(v["pcr10_replayed"], pcr);
         assert_eq!(v["pcr10_match"], true);
+        // The ascii list (judged as it is parsed) says the same.
+        let (a, ok) = verify_report(&args(
+            policy.clone(),
+            fixture("rust-keylime-ascii_runtime_measurements"),
+            Some(pcr.clone()),
+            Bank::Sha1,
+        ))
+        .unwrap();
+        assert!(ok, "{a}");
+        assert_eq!(a["log_format"], "ascii");
+        for key in ["entries_checked", "pcr10_replayed", "pcr10_match", "failures"] {
+            assert_eq!(a[key], v[key], "{key}");
+        }
         // A wrong quote fails.
         let wrong = "00".repeat(20);
         let (v, ok) = verify_report(&args(policy, bin, Some(wrong), Bank::Sha1)).unwrap();
