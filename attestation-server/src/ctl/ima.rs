@@ -258,7 +258,12 @@ mod tests {
         .unwrap();
         assert!(ok, "{a}");
         assert_eq!(a["log_format"], "ascii");
-        for key in ["entries_checked", "pcr10_replayed", "pcr10_match", "failures"] {
+        for key in [
+            "entries_checked",
+            "pcr10_replayed",
+            "pcr10_match",
+            "failures",
+        ] {
             assert_eq!(a[key], v[key], "{key}");
         }
         // A wrong quote fails.
