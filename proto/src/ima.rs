@@ -1924,16 +1924,6 @@ struct Piece {
     error: Option<ImaError>,
 }
 
-/// What the workers share.
-struct Shared {
-    pieces: Vec<Option<Piece>>,
-    /// The first piece the extend chain has not taken.
-    chain_next: usize,
-    /// A worker is running the chain (outside the lock).
-    chain_busy: bool,
-    pcrs: Vec<(HashAlg, DigestBytes)>,
-}
-
 /// A parse error of a piece, renumbered to the whole list.
 fn shift_error(e: ImaError, lines: usize, entries: usize) -> ImaError {
     match e {
@@ -1976,111 +1966,70 @@ fn verify_ascii_pieces(
     piece_bytes: usize,
 ) -> Result<ImaOutcome, ImaError> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Mutex, MutexGuard, PoisonError};
 
     let compiled = policy.compiled()?;
-    let (new_state, pcrs) = start_banks(state, bank);
+    let (new_state, mut pcrs) = start_banks(state, bank);
     let banks: Vec<HashAlg> = pcrs.iter().map(|(b, _)| *b).collect();
     let ranges = split_lines(input, piece_bytes);
-    let n = ranges.len();
-    let next = AtomicUsize::new(0);
     // The first piece known to hold a bad line; later ones need no work.
     let first_error = AtomicUsize::new(usize::MAX);
-    let shared = Mutex::new(Shared {
-        pieces: (0..n).map(|_| None).collect(),
-        chain_next: 0,
-        chain_busy: false,
-        pcrs,
-    });
-    let lock =
-        || -> MutexGuard<'_, Shared> { shared.lock().unwrap_or_else(PoisonError::into_inner) };
-    let work = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= n || i > first_error.load(Ordering::Relaxed) {
-            break;
-        }
-        let text = ranges
-            .get(i)
-            .and_then(|r| input.get(r.clone()))
-            .unwrap_or_default();
-        let mut p = Piece {
-            hashes: Vec::with_capacity(text.len() / 64 * banks.len()),
-            ..Piece::default()
-        };
-        let hashes = &mut p.hashes;
-        match run_lines(text, 0, compiled, &banks, 0, &mut p.failures, &mut |h| {
-            hashes.extend_from_slice(h)
-        }) {
-            Ok(done) => p.done = done,
-            Err(e) => {
-                p.error = Some(e);
-                first_error.fetch_min(i, Ordering::Relaxed);
-            }
-        }
-        let mut g = lock();
-        if let Some(slot) = g.pieces.get_mut(i) {
-            *slot = Some(p);
-        }
-        if g.chain_busy {
-            continue;
-        }
-        // Run the chain over every piece ready in order, outside the lock;
-        // a piece finished meanwhile is picked up before the chain is let go.
-        g.chain_busy = true;
-        let mut pcrs = std::mem::take(&mut g.pcrs);
-        loop {
-            let sh = &mut *g;
-            let mut ready = Vec::new();
-            while let Some(Some(p)) = sh.pieces.get_mut(sh.chain_next) {
-                if p.error.is_some() {
-                    break;
-                }
-                ready.push(std::mem::take(&mut p.hashes));
-                sh.chain_next += 1;
-            }
-            if ready.is_empty() {
-                break;
-            }
-            drop(g);
-            for h in &ready {
-                extend_all(&mut pcrs, h);
-            }
-            g = lock();
-        }
-        g.pcrs = pcrs;
-        g.chain_busy = false;
-    };
-    std::thread::scope(|s| {
-        for _ in 1..threads.min(n) {
-            s.spawn(work);
-        }
-        work();
-    });
-    let sh = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
-    // Merge in list order, renumbering lines, entries and indexes.
     let mut failures = Failures::default();
     let mut line = first_line;
     let mut entries = 0u64;
-    for p in sh.pieces {
-        let Some(p) = p else { break };
-        if let Some(e) = p.error {
-            return Err(shift_error(e, line, entries as usize));
-        }
-        let mut list = p.failures.list;
-        for f in &mut list {
-            f.line += line;
-            f.index += state.entries_verified + entries;
-        }
-        failures.absorb(list, p.failures.total);
-        line += p.done.newlines;
-        entries += p.done.entries;
+    let mut error = None;
+    on_threads(
+        ranges.len(),
+        threads,
+        |i| {
+            if i > first_error.load(Ordering::Relaxed) {
+                return None;
+            }
+            let text = ranges
+                .get(i)
+                .and_then(|r| input.get(r.clone()))
+                .unwrap_or_default();
+            let mut p = Piece {
+                hashes: Vec::with_capacity(text.len() / 64 * banks.len()),
+                ..Piece::default()
+            };
+            let hashes = &mut p.hashes;
+            match run_lines(text, 0, compiled, &banks, 0, &mut p.failures, &mut |h| {
+                hashes.extend_from_slice(h)
+            }) {
+                Ok(done) => p.done = done,
+                Err(e) => {
+                    p.error = Some(e);
+                    first_error.fetch_min(i, Ordering::Relaxed);
+                }
+            }
+            Some(p)
+        },
+        // In list order: the extend chain, and failures and errors
+        // renumbered to the whole list. A skipped piece comes after an
+        // error, which ends the run.
+        |p| {
+            let Some(p) = p.filter(|_| error.is_none()) else {
+                return;
+            };
+            if let Some(e) = p.error {
+                error = Some(shift_error(e, line, entries as usize));
+                return;
+            }
+            extend_all(&mut pcrs, &p.hashes);
+            let mut list = p.failures.list;
+            for f in &mut list {
+                f.line += line;
+                f.index += state.entries_verified + entries;
+            }
+            failures.absorb(list, p.failures.total);
+            line += p.done.newlines;
+            entries += p.done.entries;
+        },
+    );
+    if let Some(e) = error {
+        return Err(e);
     }
-    if sh.chain_next != n {
-        // Every piece is parsed and error-free, so the chain took them all;
-        // should it not have, the one-thread path gives the answer.
-        return verify_ascii(input, first_line, policy, state, bank);
-    }
-    Ok(finish(new_state, sh.pcrs, entries, failures))
+    Ok(finish(new_state, pcrs, entries, failures))
 }
 
 fn verify_compiled(
