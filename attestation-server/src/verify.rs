@@ -1605,7 +1605,7 @@ mod tests {
         // The quote was made after two entries; the third came before the read.
         let ev = ima_evidence(&all, &all[..2], 0);
         let got = check_ima_log(&ev, None, 7).unwrap().unwrap();
-        assert_eq!(got.replayed.entries.len(), 2);
+        assert_eq!(got.replayed.len(), 2);
         assert_eq!(got.replayed.end.entries_verified, 2);
         assert_eq!(got.replayed.end.reset_count, Some(7));
         assert_eq!(
@@ -1620,13 +1620,13 @@ mod tests {
         };
         let next = ima_evidence(&all, &all, 2);
         let got = check_ima_log(&next, Some(&stored), 7).unwrap().unwrap();
-        assert_eq!(got.replayed.entries.len(), 1);
-        assert_eq!(got.replayed.entries[0].name(), "/c");
+        assert_eq!(got.replayed.len(), 1);
+        assert_eq!(got.replayed.entry(0).unwrap().name(), "/c");
         assert_eq!(got.replayed.end.entries_verified, 3);
         assert!(!got.restarted);
         // The same continuation after a reboot cannot be followed.
         let got = check_ima_log(&next, Some(&stored), 8).unwrap().unwrap();
-        assert!(got.restarted && got.replayed.entries.is_empty());
+        assert!(got.restarted && got.replayed.is_empty());
         assert_eq!(got.replayed.end.entries_verified, 0);
         // A list whose entries never reach the quote was altered.
         let forged = vec![entry("/a"), entry("/x")];
@@ -1681,7 +1681,7 @@ mod tests {
             uefi: None,
             ima: check_ima_log(&ev, Some(&stored), 1).unwrap(),
         };
-        assert_eq!(checked.ima.as_ref().unwrap().replayed.entries.len(), 0);
+        assert_eq!(checked.ima.as_ref().unwrap().replayed.len(), 0);
         let j = judge(&ev.pcrs, &checked.logs(), &policy);
         assert_eq!(j.faults[0].code, "ima_not_in_policy");
         // A changed policy has not seen entries 1-3: not trusted, and the

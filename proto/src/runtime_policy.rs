@@ -6,7 +6,7 @@
 //! A [`RuntimePolicy`] compiles its document once (hash maps, one combined
 //! regex, parsed keys) on first use; [`RuntimePolicy::validate`] forces that.
 
-use crate::ima::{DigestBytes, FailureCode, ImaEntry, Template};
+use crate::ima::{DigestBytes, EntryRef, FailureCode, Template};
 use crate::HashAlg;
 use base64::Engine;
 use regex::Regex;
@@ -663,7 +663,7 @@ impl CompiledPolicy {
     /// Judge one entry against `map`. The exclude regex runs only when the
     /// digest check fails: an excluded path passes either way, and most
     /// entries are allowed by digest.
-    fn check(&self, map: &PathTable, e: &ImaEntry) -> Verdict {
+    fn check(&self, map: &PathTable, e: &EntryRef<'_>) -> Verdict {
         match map.get(e.name_bytes()) {
             Some(r) if r.allows(e.digest_alg, e.digest()) => Ok(()),
             _ if self.excluded(&e.name()) => Ok(()),
@@ -674,7 +674,7 @@ impl CompiledPolicy {
 
     /// IMA signature v2: type 0x03, version 2, hash algo, 4-byte key id,
     /// 2-byte size, signature over the file digest.
-    fn signature_ok(&self, e: &ImaEntry) -> bool {
+    fn signature_ok(&self, e: &EntryRef<'_>) -> bool {
         let sig = e.extra();
         let (Some(&[3, 2, algo]), Some(kid), Some(size), Some(payload)) =
             (sig.get(..3), sig.get(3..7), sig.get(7..9), sig.get(9..))
@@ -714,7 +714,7 @@ impl CompiledPolicy {
     /// groups of 64: all path hashes first, then all slot loads, then the
     /// loads of the records they point to; the loads of one phase do not
     /// depend on each other, so their misses overlap instead of queueing.
-    pub(crate) fn warm(&self, entries: &[ImaEntry]) {
+    pub(crate) fn warm(&self, entries: &[EntryRef<'_>]) {
         const GROUP: usize = 64;
         let t = &self.digests;
         let Some(mask) = t.slots.len().checked_sub(1) else {
@@ -743,7 +743,7 @@ impl CompiledPolicy {
         }
     }
 
-    pub(crate) fn evaluate(&self, e: &ImaEntry) -> Verdict {
+    pub(crate) fn evaluate(&self, e: &EntryRef<'_>) -> Verdict {
         match e.template {
             Template::Ima | Template::ImaNg => self.check(&self.digests, e),
             Template::ImaSig => {
