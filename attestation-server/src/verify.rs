@@ -473,7 +473,7 @@ pub struct ImaLogs<'a> {
     /// The entries after the stored state covered by the quote (may be
     /// none), their template hashes checked.
     pub replayed: &'a Replayed,
-    /// The runtime policies that judged every entry before `start`.
+    /// The runtime policies that judged every entry before `replayed.start`.
     pub verified: &'a BTreeMap<String, RuntimeRecord>,
     /// The host sent a continuation of a list this server no longer
     /// follows (it rebooted): nothing could be judged this time.

@@ -208,7 +208,7 @@ impl ImaEntry {
             self.digest_alg,
             self.template_hash.as_slice(),
             &self.data,
-            [&self.digest, &self.name, &self.extra],
+            [&self.digest, &self.name, &self.extra].map(|r| (r.start, r.end)),
         )
     }
 
@@ -263,7 +263,7 @@ pub struct EntryRef<'a> {
 }
 
 impl<'a> EntryRef<'a> {
-    /// `fields`: the digest, name and extra ranges in `data`.
+    /// `fields`: the digest, name and extra as (start, end) in `data`.
     fn new(
         line: usize,
         pcr: u32,
@@ -271,7 +271,7 @@ impl<'a> EntryRef<'a> {
         digest_alg: HashAlg,
         template_hash: &'a [u8],
         data: &'a [u8],
-        fields: [&Range<usize>; 3],
+        fields: [(usize, usize); 3],
     ) -> Self {
         Self {
             line,
@@ -280,7 +280,7 @@ impl<'a> EntryRef<'a> {
             digest_alg,
             template_hash,
             data,
-            fields: fields.map(|r| (r.start, r.end)),
+            fields,
         }
     }
 
@@ -1477,20 +1477,44 @@ struct EntryBlock {
     line_base: usize,
 }
 
-/// Where an [`EntryBlock`] keeps one entry.
+/// Where an [`EntryBlock`] keeps one entry: its template hash at
+/// `start`, then its template data. Offsets in the data are `u32`: a
+/// binary list gives the data's length as a `u32`, an ascii line is at
+/// most [`MAX_ASCII_LINE`] (longer data could only come from
+/// [`make_entry`], and would be kept as empty).
 #[derive(Debug, Clone)]
 struct Slot {
     line: usize,
-    /// The template hash is `bytes[start..data]`, the template data
-    /// `bytes[data..end]`.
     start: usize,
-    data: usize,
-    end: usize,
-    /// Digest, name and extra, in the template data.
-    fields: [Range<usize>; 3],
+    data_len: u32,
+    /// Digest, name and extra: (start, end) in the template data.
+    fields: [(u32, u32); 3],
     pcr: u32,
+    hash_len: u8,
     template: Template,
     digest_alg: HashAlg,
+}
+
+impl Slot {
+    fn new(
+        line: usize,
+        start: usize,
+        hash: &[u8],
+        data_len: usize,
+        fields: [Range<usize>; 3],
+    ) -> Self {
+        let narrow = |x: usize| u32::try_from(x).unwrap_or(0);
+        Self {
+            line,
+            start,
+            data_len: narrow(data_len),
+            fields: fields.map(|r| (narrow(r.start), narrow(r.end))),
+            pcr: 0,
+            hash_len: u8::try_from(hash.len()).unwrap_or(0),
+            template: Template::ImaNg,
+            digest_alg: HashAlg::Sha1,
+        }
+    }
 }
 
 impl EntryBlock {
@@ -1509,20 +1533,16 @@ impl EntryBlock {
         self.bytes.extend_from_slice(th);
         let data = self.bytes.len();
         match write_template_data(&mut self.bytes, f) {
-            Ok(fields) => {
+            Ok(fields) if self.bytes.len() - data <= u32::MAX as usize => {
                 self.slots.push(Slot {
-                    line,
-                    start,
-                    data,
-                    end: self.bytes.len(),
-                    fields,
                     pcr,
                     template: f.template,
                     digest_alg: f.digest_alg,
+                    ..Slot::new(line, start, th, self.bytes.len() - data, fields)
                 });
                 Ok(())
             }
-            Err(()) => {
+            _ => {
                 self.bytes.truncate(start);
                 Err(())
             }
@@ -1531,32 +1551,30 @@ impl EntryBlock {
 
     fn push_entry(&mut self, e: &ImaEntry) {
         let start = self.bytes.len();
-        self.bytes.extend_from_slice(e.template_hash.as_slice());
-        let data = self.bytes.len();
+        let th = e.template_hash.as_slice();
+        self.bytes.extend_from_slice(th);
         self.bytes.extend_from_slice(&e.data);
+        let fields = [e.digest.clone(), e.name.clone(), e.extra.clone()];
         self.slots.push(Slot {
-            line: e.line,
-            start,
-            data,
-            end: self.bytes.len(),
-            fields: [e.digest.clone(), e.name.clone(), e.extra.clone()],
             pcr: e.pcr,
             template: e.template,
             digest_alg: e.digest_alg,
+            ..Slot::new(e.line, start, th, e.data.len(), fields)
         });
     }
 
     fn get(&self, i: usize) -> Option<EntryRef<'_>> {
         let s = self.slots.get(i)?;
-        let [d, n, x] = &s.fields;
+        let data = s.start + usize::from(s.hash_len);
+        let end = data + s.data_len as usize;
         Some(EntryRef::new(
             s.line.saturating_add(self.line_base),
             s.pcr,
             s.template,
             s.digest_alg,
-            self.bytes.get(s.start..s.data).unwrap_or_default(),
-            self.bytes.get(s.data..s.end).unwrap_or_default(),
-            [d, n, x],
+            self.bytes.get(s.start..data).unwrap_or_default(),
+            self.bytes.get(data..end).unwrap_or_default(),
+            s.fields.map(|(a, b)| (a as usize, b as usize)),
         ))
     }
 
@@ -1658,12 +1676,15 @@ fn replay_block(
     quoted: &[(HashAlg, &[u8])],
 ) -> Result<Replayed, ReplayMismatch> {
     let banks: Vec<HashAlg> = quoted.iter().map(|(b, _)| *b).collect();
-    let hashed = Hashed::of(&block, &banks);
     let mut chain = Chain::new(start, quoted);
-    chain.feed(&hashed.hashes);
+    // Entries past the quote are dropped: no need to hash them.
+    let mismatched = hash_block(&block, &banks, |h| {
+        chain.feed(h);
+        chain.covered.is_none()
+    });
     let mut list = EntryList::default();
     list.push(block);
-    chain.finish(list, hashed.mismatched)
+    chain.finish(list, mismatched)
 }
 
 /// [`parse_ascii_from`] then [`replay_to_quote`], with the parsing and
@@ -1752,12 +1773,40 @@ struct Hashed {
 impl Hashed {
     fn of(block: &EntryBlock, banks: &[HashAlg]) -> Self {
         let mut hashes = Vec::with_capacity(block.slots.len() * banks.len());
-        let mut mismatched = Vec::new();
-        hash_entries(block.views(0), banks, &mut hashes, |i, _, _, _| {
-            mismatched.push(i);
+        let mismatched = hash_block(block, banks, |h| {
+            hashes.extend_from_slice(h);
+            true
         });
         Self { hashes, mismatched }
     }
+}
+
+/// Hash a block's entries in rounds of [`STREAM_CHUNK`] (one buffer of
+/// template hashes, reused), handing each round's (per entry, one per bank
+/// of `banks`) to `sink` until it returns false. Returns the positions of
+/// the entries hashed whose data does not hash to their logged template
+/// hash.
+fn hash_block(
+    block: &EntryBlock,
+    banks: &[HashAlg],
+    mut sink: impl FnMut(&[DigestBytes]) -> bool,
+) -> Vec<usize> {
+    let mut hashes = Vec::with_capacity(STREAM_CHUNK * banks.len());
+    let mut mismatched = Vec::new();
+    let mut first = 0;
+    while first < block.slots.len() {
+        let end = (first + STREAM_CHUNK).min(block.slots.len());
+        hashes.clear();
+        let round = (first..end).filter_map(|i| block.get(i));
+        hash_entries(round, banks, &mut hashes, |i, _, _, _| {
+            mismatched.push(first + i);
+        });
+        first = end;
+        if !sink(&hashes) {
+            break;
+        }
+    }
+    mismatched
 }
 
 /// PCR 10 extended from a stored state in each quoted bank, entry by entry,
@@ -3237,10 +3286,15 @@ mod tests {
                 );
             }
         }
+        // Judged in pieces of entries, of a list kept as one block and of
+        // one kept as a block per line (judging pieces straddle blocks).
+        let lines = replay_ascii_pieces(input, first_line, state, &q, 2, 1).unwrap();
         for piece in [1, 63, 64, 1000] {
             for threads in [1, 2, 3] {
-                let out = judge_replayed_on(&r, policy, threads, piece).unwrap();
-                assert_eq!(&out, expected, "piece {piece} entries, {threads} threads");
+                for r in [&r, &lines] {
+                    let out = judge_replayed_on(r, policy, threads, piece).unwrap();
+                    assert_eq!(&out, expected, "piece {piece} entries, {threads} threads");
+                }
             }
         }
         // Bank order is the quote's; the outcome is not.
@@ -3524,6 +3578,29 @@ mod tests {
         assert_eq!(r.end.entries_verified, 300);
         assert_eq!(r.end.pcr10(HashAlg::Sha256), Some(q256.as_slice()));
         assert_eq!(r.end.pcr10(HashAlg::Sha1), Some(q1.as_slice()));
+        // Kept in pieces (here of ~one line, blank lines among them: empty
+        // blocks), cut inside the block holding entry 300; each entry found
+        // by index with its line in the whole list.
+        let mut text = RK_LIST.to_vec();
+        let at = text.iter().position(|b| *b == b'\n').unwrap() + 1;
+        text.splice(at..at, *b"\n\n");
+        for piece in [1, 500, 4096] {
+            let p = replay_ascii_pieces(&text, 1, &start, &quoted, 2, piece).unwrap();
+            assert_eq!(p.len(), 300, "piece {piece}");
+            let lines: Vec<usize> = p.entries().map(|e| e.line).collect();
+            let expected: Vec<usize> = good[..300]
+                .iter()
+                .map(|e| if e.line == 1 { 1 } else { e.line + 2 })
+                .collect();
+            assert_eq!(lines, expected, "piece {piece}");
+            for i in [0, 1, 150, 299] {
+                let e = p.entry(i).unwrap().to_entry();
+                assert_eq!((e.line, e.name()), (expected[i], good[i].name()));
+                assert_eq!(e.template_data(), good[i].template_data());
+            }
+            assert!(p.entry(300).is_none());
+            assert_eq!(p.end, r.end);
+        }
         // Continued from there: the rest, with the stored state.
         let full = replay(&good, HashAlg::Sha256);
         let rest = replay_to_quote(
