@@ -1465,9 +1465,10 @@ impl Eq for Replayed {}
 
 /// Entries kept compactly: each one's logged template hash and template
 /// data back to back in one buffer, and a fixed-size record of where.
-/// A long list costs no allocation per entry and about half the memory
-/// of [`ImaEntry`]s (which the server's steps measured as a third of
-/// their time: allocating, freeing, and faulting in fresh pages).
+/// A list costs no allocation per entry and ~60% of the memory of
+/// [`ImaEntry`]s (~150 bytes an entry for a typical `ima-ng` line). With
+/// `ImaEntry`s, allocating, freeing and faulting in fresh pages were ~30%
+/// of the server's steps' profile; ~8% now (docs/benchmarks.md).
 #[derive(Debug, Clone, Default)]
 struct EntryBlock {
     bytes: Vec<u8>,
@@ -1518,8 +1519,10 @@ impl Slot {
 }
 
 impl EntryBlock {
-    /// Room for the entries of `text_len` bytes of ascii list (its template
-    /// data is about as long; a line is at least ~60 bytes).
+    /// Room for the entries of `text_len` bytes of ascii list, at most
+    /// (template data is shorter than its line, whose hex fields it holds
+    /// as bytes; a line is at least ~60 bytes). Pages reserved and never
+    /// written cost no memory.
     fn with_capacity(text_len: usize) -> Self {
         Self {
             bytes: Vec::with_capacity(text_len),
@@ -1678,10 +1681,14 @@ fn replay_block(
     let banks: Vec<HashAlg> = quoted.iter().map(|(b, _)| *b).collect();
     let mut chain = Chain::new(start, quoted);
     // Entries past the quote are dropped: no need to hash them.
-    let mismatched = hash_block(&block, &banks, |h| {
-        chain.feed(h);
-        chain.covered.is_none()
-    });
+    let mismatched = if chain.covered.is_some() {
+        Vec::new()
+    } else {
+        hash_block(&block, &banks, |h| {
+            chain.feed(h);
+            chain.covered.is_none()
+        })
+    };
     let mut list = EntryList::default();
     list.push(block);
     chain.finish(list, mismatched)
@@ -2049,7 +2056,7 @@ fn judge_range(
         if chunk.is_empty() {
             return failures;
         }
-        let policy = judge_policy(&chunk, compiled, base + first as u64);
+        let policy = judge_policy(chunk.iter().copied(), compiled, base + first as u64);
         let mut templates = Failures::default();
         while let Some(&i) = mismatched.get(next).filter(|i| **i < first + chunk.len()) {
             next += 1;
@@ -2460,8 +2467,8 @@ fn judge(
     hashes: &mut Vec<DigestBytes>,
 ) {
     // Policy first, then hashing: see `judge_policy`.
-    let views: Vec<EntryRef<'_>> = entries.iter().map(ImaEntry::view).collect();
-    let policy = judge_policy(&views, compiled, index_base);
+    let views = entries.iter().map(ImaEntry::view);
+    let policy = judge_policy(views.clone(), compiled, index_base);
     let mut templates = Failures::default();
     hash_entries(views, banks, hashes, |i, e, alg, computed| {
         templates.absorb(
@@ -2481,10 +2488,14 @@ fn judge(
 /// `index_base + 1`). The policy records of all entries are touched first:
 /// those loads do not depend on each other, so their cache misses overlap
 /// (the policy table is far larger than the cache).
-fn judge_policy(entries: &[EntryRef<'_>], compiled: &CompiledPolicy, index_base: u64) -> Failures {
-    compiled.warm(entries);
+fn judge_policy<'a>(
+    entries: impl Iterator<Item = EntryRef<'a>> + Clone,
+    compiled: &CompiledPolicy,
+    index_base: u64,
+) -> Failures {
+    compiled.warm(entries.clone());
     let mut out = Failures::default();
-    for (i, e) in entries.iter().enumerate() {
+    for (i, e) in entries.enumerate() {
         let verdict = if e.pcr != 10 {
             Err((FailureCode::UnexpectedPcr, Vec::new()))
         } else if e.is_violation() {
@@ -2494,13 +2505,13 @@ fn judge_policy(entries: &[EntryRef<'_>], compiled: &CompiledPolicy, index_base:
                 Err((FailureCode::Violation, Vec::new()))
             }
         } else {
-            compiled.evaluate(e)
+            compiled.evaluate(&e)
         };
         if let Err((code, expected)) = verdict {
             out.total += 1;
             if out.list.len() < MAX_REPORTED_FAILURES {
                 let index = index_base + i as u64 + 1;
-                out.list.push(failure(e, index, code, expected));
+                out.list.push(failure(&e, index, code, expected));
             }
         }
     }

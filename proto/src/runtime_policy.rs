@@ -714,15 +714,16 @@ impl CompiledPolicy {
     /// groups of 64: all path hashes first, then all slot loads, then the
     /// loads of the records they point to; the loads of one phase do not
     /// depend on each other, so their misses overlap instead of queueing.
-    pub(crate) fn warm(&self, entries: &[EntryRef<'_>]) {
+    pub(crate) fn warm<'a>(&self, entries: impl Iterator<Item = EntryRef<'a>>) {
         const GROUP: usize = 64;
         let t = &self.digests;
         let Some(mask) = t.slots.len().checked_sub(1) else {
             return;
         };
-        for group in entries.chunks(GROUP) {
+        let mut entries = entries.peekable();
+        while entries.peek().is_some() {
             let mut hashes = [0u64; GROUP];
-            for (h, e) in hashes.iter_mut().zip(group) {
+            for (h, e) in hashes.iter_mut().zip(entries.by_ref().take(GROUP)) {
                 if e.template != Template::ImaBuf {
                     *h = path_hash(e.name_bytes());
                 }
