@@ -1582,7 +1582,7 @@ impl EntryBlock {
     }
 
     /// Entries `from..`, in order.
-    fn views(&self, from: usize) -> impl Iterator<Item = EntryRef<'_>> + '_ {
+    fn views(&self, from: usize) -> impl Iterator<Item = EntryRef<'_>> + Clone + '_ {
         (from..self.slots.len()).filter_map(|i| self.get(i))
     }
 
@@ -1626,7 +1626,7 @@ impl EntryList {
     }
 
     /// Entries `from..to`, in order.
-    fn range(&self, from: usize, to: usize) -> impl Iterator<Item = EntryRef<'_>> + '_ {
+    fn range(&self, from: usize, to: usize) -> impl Iterator<Item = EntryRef<'_>> + Clone + '_ {
         let (k, at) = self.locate(from);
         let blocks = self.blocks.get(k..).unwrap_or_default();
         blocks
@@ -2044,21 +2044,16 @@ fn judge_range(
 ) -> Failures {
     let base = replayed.start.entries_verified;
     let to = from.saturating_add(len).min(replayed.len());
-    let mut entries = replayed.entries.range(from, to);
     let mismatched = &replayed.mismatched;
     let mut next = mismatched.partition_point(|i| *i < from);
     let mut failures = Failures::default();
-    let mut chunk = Vec::with_capacity(STREAM_CHUNK);
     let mut first = from;
-    loop {
-        chunk.clear();
-        chunk.extend(entries.by_ref().take(STREAM_CHUNK));
-        if chunk.is_empty() {
-            return failures;
-        }
-        let policy = judge_policy(chunk.iter().copied(), compiled, base + first as u64);
+    while first < to {
+        let end = first.saturating_add(STREAM_CHUNK).min(to);
+        let chunk = replayed.entries.range(first, end);
+        let policy = judge_policy(chunk, compiled, base + first as u64);
         let mut templates = Failures::default();
-        while let Some(&i) = mismatched.get(next).filter(|i| **i < first + chunk.len()) {
+        while let Some(&i) = mismatched.get(next).filter(|i| **i < end) {
             next += 1;
             let Some(e) = replayed.entry(i) else {
                 continue;
@@ -2071,8 +2066,9 @@ fn judge_range(
             );
         }
         merge_failures(&mut failures, templates, policy);
-        first += chunk.len();
+        first = end;
     }
+    failures
 }
 
 /// Entries parsed and verified per round by [`verify_ascii`].
