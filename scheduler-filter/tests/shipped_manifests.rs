@@ -13,24 +13,13 @@ fn manifest(name: &str) -> String {
     std::fs::read_to_string(path).unwrap()
 }
 
-/// The block scalar under `key: |`, without its indentation.
-fn block(yaml: &str, key: &str) -> String {
-    let mut lines = yaml.lines().skip_while(|l| l.trim() != format!("{key}: |"));
-    let head = lines.next().expect("the key is present");
-    let indent = head.len() - head.trim_start().len() + 2;
-    lines
-        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
-        .map(|l| l.get(indent..).unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn configmap_toml_loads_with_the_extender_section() {
-    let toml = block(
+    let toml = test_support::yaml_block(
         &manifest("scheduler-extender.yaml"),
         "scheduler-filter.toml",
-    );
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("scheduler-filter.toml");
     std::fs::write(&path, toml).unwrap();

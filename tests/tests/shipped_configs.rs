@@ -55,3 +55,38 @@ fn agent_example_loads() {
     assert_eq!(c.tcti, "device:/dev/tpmrm0");
     assert_eq!(c.interval_secs, 30);
 }
+
+/// The server's ConfigMap in the Kubernetes manifest is a config file too.
+#[test]
+fn kubernetes_server_configmap_loads() {
+    let yaml = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/kubernetes/attestation-server.yaml"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    std::fs::write(
+        &path,
+        test_support::yaml_block(&yaml, "server.toml").unwrap(),
+    )
+    .unwrap();
+    let c = attestation_server::config::ServerConfig::load(Some(&path)).unwrap();
+    assert_eq!(c.listen.port(), 8443);
+    assert_eq!(c.log_format, attestation_server::logging::LogFormat::Json);
+    assert_eq!(
+        c.tls.cert,
+        PathBuf::from("/etc/attestation-server/tls/server.pem")
+    );
+    assert_eq!(
+        c.token_key,
+        Some(PathBuf::from("/etc/attestation-server/tls/token.key"))
+    );
+    // The Deployment mounts the secrets where the file says they are.
+    for mount in [
+        "/etc/attestation-server/tls",
+        "/etc/attestation-server/ek-ca",
+    ] {
+        assert!(yaml.contains(&format!("mountPath: {mount},")), "{mount}");
+    }
+}

@@ -7,9 +7,11 @@
 #![forbid(unsafe_code)]
 
 mod local_ca;
+mod manifest;
 mod ports;
 mod swtpm;
 mod tools;
 
+pub use manifest::yaml_block;
 pub use swtpm::SwTpm;
 pub use tools::{require_tools, REQUIRED_TOOLS};
