@@ -14,7 +14,7 @@
 //! A violation (an open-for-write during a measured read) is logged with an
 //! all-zero template hash but extends the PCR with all ones.
 
-use crate::runtime_policy::{CompiledPolicy, PolicyError, RuntimePolicy};
+use crate::runtime_policy::{CompiledPolicy, PolicyError, RuntimePolicy, WARM_GROUP};
 use crate::HashAlg;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -2481,17 +2481,22 @@ fn judge(
 }
 
 /// The policy's verdict on each of `entries` (failures indexed from
-/// `index_base + 1`). The policy records of all entries are touched first:
-/// those loads do not depend on each other, so their cache misses overlap
-/// (the policy table is far larger than the cache).
+/// `index_base + 1`). The policy records of each group of [`WARM_GROUP`]
+/// entries are touched first: those loads do not depend on each other, so
+/// their cache misses overlap (the policy table is far larger than the
+/// cache); the path hashes computed for that are reused by the lookups.
 fn judge_policy<'a>(
     entries: impl Iterator<Item = EntryRef<'a>> + Clone,
     compiled: &CompiledPolicy,
     index_base: u64,
 ) -> Failures {
-    compiled.warm(entries.clone());
     let mut out = Failures::default();
-    for (i, e) in entries.enumerate() {
+    let mut hashes = [0u64; WARM_GROUP];
+    for (i, e) in entries.clone().enumerate() {
+        let k = i % WARM_GROUP;
+        if k == 0 {
+            hashes = compiled.warm(entries.clone().skip(i));
+        }
         let verdict = if e.pcr != 10 {
             Err((FailureCode::UnexpectedPcr, Vec::new()))
         } else if e.is_violation() {
@@ -2501,7 +2506,7 @@ fn judge_policy<'a>(
                 Err((FailureCode::Violation, Vec::new()))
             }
         } else {
-            compiled.evaluate(&e)
+            compiled.evaluate(&e, hashes.get(k).copied().unwrap_or_default())
         };
         if let Err((code, expected)) = verdict {
             out.total += 1;

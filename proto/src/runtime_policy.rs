@@ -305,6 +305,9 @@ struct PolicyDigest {
     bytes: DigestBytes,
 }
 
+/// Entries whose policy records [`CompiledPolicy::warm`] loads together.
+pub(crate) const WARM_GROUP: usize = 64;
+
 /// A fast unkeyed hash of a path (the FxHash multiply-rotate over 8-byte
 /// words, then a final mix). Table keys come from the policy (trusted); a
 /// host's paths only look up and cannot build collision chains.
@@ -439,9 +442,9 @@ impl PathTable {
         Some((path, Record { digests }))
     }
 
-    fn get(&self, path: &[u8]) -> Option<Record<'_>> {
+    /// The record of `path`, whose [`path_hash`] is `h`.
+    fn get(&self, path: &[u8], h: u64) -> Option<Record<'_>> {
         let mask = self.slots.len().checked_sub(1)?;
-        let h = path_hash(path);
         let tag = h >> 32;
         let mut i = (h as usize) & mask;
         loop {
@@ -459,10 +462,6 @@ impl PathTable {
             }
             i = (i + 1) & mask;
         }
-    }
-
-    fn contains(&self, path: &[u8]) -> bool {
-        self.get(path).is_some()
     }
 }
 
@@ -663,8 +662,8 @@ impl CompiledPolicy {
     /// Judge one entry against `map`. The exclude regex runs only when the
     /// digest check fails: an excluded path passes either way, and most
     /// entries are allowed by digest.
-    fn check(&self, map: &PathTable, e: &EntryRef<'_>) -> Verdict {
-        match map.get(e.name_bytes()) {
+    fn check(&self, map: &PathTable, e: &EntryRef<'_>, hash: u64) -> Verdict {
+        match map.get(e.name_bytes(), hash) {
             Some(r) if r.allows(e.digest_alg, e.digest()) => Ok(()),
             _ if self.excluded(&e.name()) => Ok(()),
             Some(r) => Err((FailureCode::DigestMismatch, r.display())),
@@ -708,51 +707,53 @@ impl CompiledPolicy {
         })
     }
 
-    /// Bring into the cache what [`Self::evaluate`] reads for `entries`
-    /// (see `ima::judge`); no effect on any result. With 100,000 paths
-    /// nearly every lookup misses the cache twice (slot, then record). In
-    /// groups of 64: all path hashes first, then all slot loads, then the
-    /// loads of the records they point to; the loads of one phase do not
-    /// depend on each other, so their misses overlap instead of queueing.
-    pub(crate) fn warm<'a>(&self, entries: impl Iterator<Item = EntryRef<'a>>) {
-        const GROUP: usize = 64;
+    /// The path hashes of the first [`WARM_GROUP`] of `entries`, for
+    /// [`Self::evaluate`], after bringing into the cache what it will read
+    /// for them (see `ima::judge`). With 100,000 paths nearly every lookup
+    /// misses the cache twice (slot, then record): all path hashes first,
+    /// then all slot loads, then the loads of the records they point to;
+    /// the loads of one phase do not depend on each other, so their misses
+    /// overlap instead of queueing.
+    pub(crate) fn warm<'a>(
+        &self,
+        entries: impl Iterator<Item = EntryRef<'a>>,
+    ) -> [u64; WARM_GROUP] {
+        let mut hashes = [0u64; WARM_GROUP];
+        for (h, e) in hashes.iter_mut().zip(entries) {
+            *h = path_hash(e.name_bytes());
+        }
         let t = &self.digests;
         let Some(mask) = t.slots.len().checked_sub(1) else {
-            return;
+            return hashes;
         };
-        let mut entries = entries.peekable();
-        while entries.peek().is_some() {
-            let mut hashes = [0u64; GROUP];
-            for (h, e) in hashes.iter_mut().zip(entries.by_ref().take(GROUP)) {
-                if e.template != Template::ImaBuf {
-                    *h = path_hash(e.name_bytes());
-                }
-            }
-            let mut slots = [0u64; GROUP];
-            for (s, h) in slots.iter_mut().zip(&hashes) {
-                *s = t.slots.get((*h as usize) & mask).copied().unwrap_or(0);
-            }
-            let mut touched = 0u8;
-            for (s, h) in slots.iter().zip(&hashes) {
-                if *s != 0 && s >> 32 == h >> 32 {
-                    let offset = ((s & 0xffff_ffff) - 1) as usize;
-                    touched ^= t.arena.get(offset).copied().unwrap_or(0);
-                    touched ^= t.arena.get(offset + 64).copied().unwrap_or(0);
-                }
-            }
-            std::hint::black_box(touched);
+        let mut slots = [0u64; WARM_GROUP];
+        for (s, h) in slots.iter_mut().zip(&hashes) {
+            *s = t.slots.get((*h as usize) & mask).copied().unwrap_or(0);
         }
+        let mut touched = 0u8;
+        for (s, h) in slots.iter().zip(&hashes) {
+            if *s != 0 && s >> 32 == h >> 32 {
+                let offset = ((s & 0xffff_ffff) - 1) as usize;
+                touched ^= t.arena.get(offset).copied().unwrap_or(0);
+                touched ^= t.arena.get(offset + 64).copied().unwrap_or(0);
+            }
+        }
+        std::hint::black_box(touched);
+        hashes
     }
 
-    pub(crate) fn evaluate(&self, e: &EntryRef<'_>) -> Verdict {
+    /// The policy's verdict on `e`, whose name hashes to `hash` (from
+    /// [`Self::warm`]; computing it once saves a pass over every path).
+    pub(crate) fn evaluate(&self, e: &EntryRef<'_>, hash: u64) -> Verdict {
+        debug_assert_eq!(hash, path_hash(e.name_bytes()));
         match e.template {
-            Template::Ima | Template::ImaNg => self.check(&self.digests, e),
+            Template::Ima | Template::ImaNg => self.check(&self.digests, e, hash),
             Template::ImaSig => {
                 let signed = !e.extra().is_empty() && !self.keys.is_empty();
                 if signed && !self.excluded(&e.name()) && self.signature_ok(e) {
                     return Ok(());
                 }
-                match self.check(&self.digests, e) {
+                match self.check(&self.digests, e, hash) {
                     Err((FailureCode::NotInPolicy, x)) if signed => {
                         Err((FailureCode::SignatureInvalid, x))
                     }
@@ -768,10 +769,10 @@ impl CompiledPolicy {
                 {
                     return Ok(());
                 }
-                if self.keyrings.contains(e.name_bytes()) {
-                    self.check(&self.keyrings, e)
+                if self.keyrings.get(e.name_bytes(), hash).is_some() {
+                    self.check(&self.keyrings, e, hash)
                 } else {
-                    self.check(&self.ima_buf, e)
+                    self.check(&self.ima_buf, e, hash)
                 }
             }
         }
