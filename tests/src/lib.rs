@@ -92,6 +92,34 @@ impl Pool {
         Ok(c)
     }
 
+    /// Run `attestctl ARGS` (split at whitespace) as the admin, against
+    /// this server; its JSON output or its error.
+    pub async fn attestctl(&self, args: &str) -> Result<serde_json::Value, ctl::CtlError> {
+        use clap::Parser;
+        let config = self.path("admin-test.toml");
+        let written = std::fs::write(
+            &config,
+            format!(
+                "server_url = \"{}\"\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n",
+                self.url
+            ),
+        );
+        written.map_err(|e| ctl::CtlError::Input {
+            path: config.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let config = config.display().to_string();
+        let argv = ["attestctl", "--config", &config]
+            .into_iter()
+            .map(str::to_string)
+            .chain(args.split_whitespace().map(str::to_string));
+        let cli = ctl::Cli::try_parse_from(argv).map_err(|e| ctl::CtlError::Input {
+            path: "argv".into(),
+            detail: e.to_string(),
+        })?;
+        ctl::run(cli).await
+    }
+
     pub async fn trust(&self, host: &str) -> Result<HostTrust> {
         Ok(self
             .client("admin")?

@@ -3,7 +3,8 @@
 //! log so that its quote matches the log; the host is trusted under a boot
 //! policy made from that log, and untrusted, with the PCR and the altered
 //! event named, once the log it sends is altered. IMA: entries extended
-//! into PCR 10 and allowed by a runtime policy are trusted; one more entry
+//! into PCR 10 and allowed by a runtime policy (Keylime's format, put into
+//! the whitelist by `attestctl whitelist set-policy`) are trusted; one more entry
 //! the policy does not know makes the host untrusted, naming the file, and
 //! only the new entry is sent (incremental verification). A first list
 //! over 1 MiB goes through the server's multi-core path with the same
@@ -283,15 +284,34 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
 
+    // The runtime policy as Keylime writes it, imported as it is.
     let digests: serde_json::Map<String, serde_json::Value> = files
         .iter()
         .map(|f| {
             let d = hex::encode(HashAlg::Sha256.hash(&[f.as_bytes()]));
-            (f.to_string(), json!([format!("sha256:{d}")]))
+            (f.to_string(), json!([d]))
         })
         .collect();
+    let keylime = json!({
+        "meta": {"version": 1, "generator": 1},
+        "release": 0,
+        "digests": digests,
+        "excludes": [],
+        "keyrings": {},
+        "ima": {"ignored_keyrings": [], "log_hash_alg": "sha1", "dm_policy": null},
+        "ima-buf": {},
+        "verification-keys": ""
+    });
+    let policy_file = pool.path("runtime-policy.json");
+    std::fs::write(&policy_file, keylime.to_string())?;
     let changed_at = chrono::Utc::now();
-    judge_by(&pool, json!({"runtime": {"runtime": {"digests": digests}}})).await?;
+    pool.attestctl(&format!(
+        "whitelist set-policy fleet --part runtime --runtime {}",
+        policy_file.display()
+    ))
+    .await?;
+    pool.attestctl("group set edge --whitelist fleet").await?;
+    pool.attestctl("group add edge node1").await?;
     let trusted = verdict_after(&pool, changed_at, "trusted with IMA", |t| {
         t.trust == Trust::Trusted
     })

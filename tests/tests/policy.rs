@@ -397,27 +397,8 @@ async fn rolling_firmware_upgrade_with_versioned_whitelists() -> anyhow::Result<
 /// export and import between names, diff, and the refusals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attestctl_imports_exports_and_diffs_whitelists() -> anyhow::Result<()> {
-    use attestation_server::ctl::{self, Cli, CtlError};
-    use clap::Parser;
+    use attestation_server::ctl::CtlError;
     let pool = Pool::start(&[("node1", "device:/dev/null".to_string())], 30, |_| {}).await?;
-    let config = pool.path("admin-test.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "server_url = \"{}\"\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n",
-            pool.url
-        ),
-    )?;
-    let run = |args: Vec<String>| {
-        let mut all = vec![
-            "attestctl".to_string(),
-            "--config".into(),
-            config.display().to_string(),
-        ];
-        all.extend(args);
-        ctl::run(Cli::try_parse_from(all).unwrap())
-    };
-    let args = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
     let (a, b) = ("aa".repeat(32), "bb".repeat(32));
     let keylime = pool.path("tpm_policy.json");
     std::fs::write(
@@ -425,11 +406,12 @@ async fn attestctl_imports_exports_and_diffs_whitelists() -> anyhow::Result<()> 
         format!(r#"{{"mask":"0x408000","15":["{a}","{b}"],"22":"{a}"}}"#),
     )?;
 
-    let report = run(args(&format!(
-        "whitelist import-keylime kl --file {} --part platform",
-        keylime.display()
-    )))
-    .await?;
+    let report = pool
+        .attestctl(&format!(
+            "whitelist import-keylime kl --file {} --part platform",
+            keylime.display()
+        ))
+        .await?;
     assert_eq!(report["applied"], true);
     assert_eq!(report["whitelist"]["version"], 1);
     let pcrs = &report["whitelist"]["parts"]["platform"]["pcrs"]["sha256"];
@@ -438,19 +420,15 @@ async fn attestctl_imports_exports_and_diffs_whitelists() -> anyhow::Result<()> 
 
     // Export, then import under another name: the same parts.
     let file = pool.path("kl.json");
-    run(args(&format!(
-        "whitelist export kl --out {}",
-        file.display()
-    )))
-    .await?;
-    let copy = run(args(&format!(
-        "whitelist import {} --name kl2",
-        file.display()
-    )))
-    .await?;
+    pool.attestctl(&format!("whitelist export kl --out {}", file.display()))
+        .await?;
+    let copy = pool
+        .attestctl(&format!("whitelist import {} --name kl2", file.display()))
+        .await?;
     assert_eq!(copy["whitelist"]["parts"], report["whitelist"]["parts"]);
     // Importing over an existing whitelist needs the version it replaces.
-    let err = run(args(&format!("whitelist import {}", file.display())))
+    let err = pool
+        .attestctl(&format!("whitelist import {}", file.display()))
         .await
         .unwrap_err();
     assert!(
@@ -460,45 +438,96 @@ async fn attestctl_imports_exports_and_diffs_whitelists() -> anyhow::Result<()> 
     // A new version from an edited file, then the diff between the two.
     let edited = std::fs::read_to_string(&file)?.replace(&b, &"cc".repeat(32));
     std::fs::write(&file, edited)?;
-    let v2 = run(args(&format!(
-        "whitelist import {} --base-version 1",
-        file.display()
-    )))
-    .await?;
+    let v2 = pool
+        .attestctl(&format!(
+            "whitelist import {} --base-version 1",
+            file.display()
+        ))
+        .await?;
     assert_eq!(v2["whitelist"]["version"], 2);
-    let diff = run(args("whitelist diff kl 1 2")).await?;
+    let diff = pool.attestctl("whitelist diff kl 1 2").await?;
     assert_eq!(diff["changes"][0]["pcr"], 15);
     assert_eq!(diff["changes"][0]["added"], json!(["cc".repeat(32)]));
     assert_eq!(diff["changes"][0]["removed"], json!([b]));
-    let history = run(args("whitelist history kl")).await?;
+    let history = pool.attestctl("whitelist history kl").await?;
     assert_eq!(history.as_array().map(Vec::len), Some(2));
 
     // A Keylime file that disagrees with itself is refused before any call.
     std::fs::write(&keylime, format!(r#"{{"mask":"0x1","15":["{a}"]}}"#))?;
-    let err = run(args(&format!(
-        "whitelist import-keylime kl --file {} --part platform --base-version 2",
-        keylime.display()
-    )))
-    .await
-    .unwrap_err();
+    let err = pool
+        .attestctl(&format!(
+            "whitelist import-keylime kl --file {} --part platform --base-version 2",
+            keylime.display()
+        ))
+        .await
+        .unwrap_err();
     assert!(matches!(err, CtlError::Input { .. }), "{err}");
 
     // Groups from the CLI; deleting a used whitelist names the group.
-    run(args("group set g1 --whitelist kl,kl2 --require platform")).await?;
-    let err = run(args("whitelist delete kl2")).await.unwrap_err();
+    pool.attestctl("group set g1 --whitelist kl,kl2 --require platform")
+        .await?;
+    let err = pool.attestctl("whitelist delete kl2").await.unwrap_err();
     assert!(err.to_string().contains("g1"), "{err}");
-    let shown = run(args("group show g1")).await?;
+    let shown = pool.attestctl("group show g1").await?;
     assert_eq!(shown["whitelists"], json!(["kl", "kl2"]));
     assert_eq!(shown["match_policy"]["platform"], "required");
-    run(args("group set g1 --whitelist kl --base-version 1")).await?;
-    let deleted = run(args("whitelist delete kl2")).await?;
+    pool.attestctl("group set g1 --whitelist kl --base-version 1")
+        .await?;
+    let deleted = pool.attestctl("whitelist delete kl2").await?;
     assert_eq!(deleted["whitelist"]["deleted"], true);
-    let list = run(args("whitelist list")).await?;
+    let list = pool.attestctl("whitelist list").await?;
     assert!(list
         .as_array()
         .unwrap()
         .iter()
         .any(|w| w["name"] == "kl2" && w["deleted"] == true));
+
+    // Event-log policies into a part: a flat allowlist and a boot policy,
+    // as they are, next to the part's PCR values, which stay.
+    let allowlist = pool.path("allowlist.txt");
+    std::fs::write(&allowlist, format!("# a comment\n{a}  /usr/bin/bash\n"))?;
+    let boot = pool.path("boot-policy.json");
+    std::fs::write(
+        &boot,
+        r#"{"version": 1, "bank": "sha256", "kernel_cmdline": ["^/vmlinuz"]}"#,
+    )?;
+    let v3 = pool
+        .attestctl(&format!(
+            "whitelist set-policy kl --part platform --runtime {} --boot {} --base-version 2",
+            allowlist.display(),
+            boot.display()
+        ))
+        .await?;
+    let part = &v3["whitelist"]["parts"]["platform"];
+    assert_eq!(v3["whitelist"]["version"], 3);
+    assert_eq!(part["pcrs"]["sha256"]["22"], json!([a]));
+    assert_eq!(part["runtime"]["digests"]["/usr/bin/bash"], json!([a]));
+    assert_eq!(part["boot"]["kernel_cmdline"], json!(["^/vmlinuz"]));
+    // Refused before any call: nothing to set, a bad pattern, a file that
+    // is no policy at all; the whitelist stays at version 3.
+    let err = pool
+        .attestctl("whitelist set-policy kl --part platform --base-version 3")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CtlError::Input { .. }), "{err}");
+    std::fs::write(
+        &boot,
+        r#"{"version": 1, "bank": "sha256", "kernel_cmdline": ["("]}"#,
+    )?;
+    std::fs::write(&allowlist, "not-hex /usr/bin/bash\n")?;
+    for flag in ["--boot", "--runtime"] {
+        let file = if flag == "--boot" { &boot } else { &allowlist };
+        let err = pool
+            .attestctl(&format!(
+                "whitelist set-policy kl --part platform {flag} {} --base-version 3",
+                file.display()
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CtlError::Input { .. }), "{flag}: {err}");
+    }
+    let newest = pool.attestctl("whitelist get kl").await?;
+    assert_eq!(newest["version"], 3);
     pool.stop_and_dump_cadf("policy-cli").await?;
     Ok(())
 }

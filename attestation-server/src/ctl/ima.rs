@@ -62,8 +62,9 @@ fn input_error(path: &Path, detail: String) -> CtlError {
     }
 }
 
-/// Which policy format `bytes` is in, and the policy.
-fn load_policy(path: &Path) -> Result<(&'static str, RuntimePolicy), CtlError> {
+/// The runtime policy in `path` (ours, Keylime's runtime-policy JSON or a
+/// flat allowlist, detected from the content), validated, and its format.
+pub(crate) fn load_policy(path: &Path) -> Result<(&'static str, RuntimePolicy), CtlError> {
     let bytes = std::fs::read(path).map_err(|e| input_error(path, e.to_string()))?;
     let err =
         |e: proto::runtime_policy::PolicyError| input_error(path, format!("{}: {e}", e.code()));

@@ -4,6 +4,7 @@
 
 use super::CtlError;
 use clap::Subcommand;
+use proto::bootpolicy::BootPolicy;
 use proto::client::ApiClient;
 use proto::policy::{
     self, ChangeReport, GoldenImport, Group, GroupSpec, MatchPolicy, Membership, WhitelistSpec,
@@ -66,6 +67,26 @@ pub enum WhitelistCommand {
         /// The bank Keylime's values are for.
         #[arg(long, default_value = "sha256")]
         bank: String,
+        #[arg(long)]
+        base_version: Option<u32>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Put a boot policy and/or a runtime (IMA) policy into one part of a
+    /// whitelist, as a new version; the part's PCR values and the other
+    /// parts of --base-version are kept.
+    SetPolicy {
+        name: String,
+        #[arg(long)]
+        part: String,
+        /// A boot policy (JSON, e.g. from `attestctl policy from-eventlog`).
+        #[arg(long)]
+        boot: Option<PathBuf>,
+        /// A runtime policy as it is: ours (JSON), Keylime's runtime-policy
+        /// JSON, or a flat `digest  path` allowlist (detected from the content).
+        #[arg(long)]
+        runtime: Option<PathBuf>,
+        /// The version this change builds on; omit to create the whitelist.
         #[arg(long)]
         base_version: Option<u32>,
         #[arg(long)]
@@ -224,6 +245,36 @@ async fn put_spec(
     })
 }
 
+/// A spec for the next version of `name`: its description and parts at
+/// `base_version`, or an empty one for a new whitelist.
+async fn next_spec(
+    api: &ApiClient,
+    name: &str,
+    base_version: Option<u32>,
+) -> Result<WhitelistSpec, CtlError> {
+    let (description, parts) = match base_version {
+        Some(v) => {
+            let base = get_version(api, name, Some(v)).await?;
+            (base.description, base.parts)
+        }
+        None => (None, BTreeMap::new()),
+    };
+    Ok(WhitelistSpec {
+        name: Some(name.to_string()),
+        description,
+        parts,
+        base_version: None,
+    })
+}
+
+/// A boot policy file, validated.
+fn load_boot_policy(path: &Path) -> Result<BootPolicy, CtlError> {
+    let boot: BootPolicy = serde_json::from_str(&read(path)?).map_err(|e| bad_input(path, e))?;
+    boot.validate()
+        .map_err(|e| bad_input(path, format!("boot_policy_invalid: {e}")))?;
+    Ok(boot)
+}
+
 async fn get_version(
     api: &ApiClient,
     name: &str,
@@ -289,17 +340,38 @@ pub async fn run_whitelist(
             let imported = policy::part_from_keylime_tpm_policy(&read(&file)?, bank(&b)?)
                 .map_err(|e| bad_input(&file, e))?;
             // Replace that one part of the current version, keep the others.
-            let mut parts = match base_version {
-                Some(v) => get_version(api, &name, Some(v)).await?.parts,
-                None => BTreeMap::new(),
-            };
-            parts.insert(part, imported);
-            let spec = WhitelistSpec {
-                name: Some(name.clone()),
-                description: None,
-                parts,
-                base_version: None,
-            };
+            let mut spec = next_spec(api, &name, base_version).await?;
+            spec.parts.insert(part, imported);
+            json(put_spec(api, &name, spec, base_version, dry_run).await?)
+        }
+        SetPolicy {
+            name,
+            part,
+            boot,
+            runtime,
+            base_version,
+            dry_run,
+        } => {
+            if boot.is_none() && runtime.is_none() {
+                return Err(CtlError::Input {
+                    path: "--boot, --runtime".into(),
+                    detail: "give a boot policy, a runtime policy or both".into(),
+                });
+            }
+            // Both files are read and checked before any call.
+            let boot = boot.as_deref().map(load_boot_policy).transpose()?;
+            let runtime = runtime
+                .as_deref()
+                .map(|f| super::ima::load_policy(f).map(|(_, p)| p))
+                .transpose()?;
+            let mut spec = next_spec(api, &name, base_version).await?;
+            let target = spec.parts.entry(part).or_default();
+            if let Some(b) = boot {
+                target.boot = Some(Box::new(b));
+            }
+            if let Some(r) = runtime {
+                target.runtime = Some(r);
+            }
             json(put_spec(api, &name, spec, base_version, dry_run).await?)
         }
         Golden {
