@@ -890,6 +890,8 @@ mod tests {
         "create-mb-policy-secureboot",
         "mb_log",
         "rust-keylime-uefi_log",
+        // mb_log with SHA-1, SHA-384 and SHA-512 digests added (fixtures/README.md).
+        "four-banks",
     ];
 
     /// Re-encode a parsed log (header bytes kept from the original).
@@ -1011,6 +1013,16 @@ mod tests {
             ("create-mb-policy-secureboot", 98, vec![HashAlg::Sha256]),
             ("mb_log", 101, vec![HashAlg::Sha256]),
             ("rust-keylime-uefi_log", 123, vec![HashAlg::Sha256]),
+            (
+                "four-banks",
+                101,
+                vec![
+                    HashAlg::Sha1,
+                    HashAlg::Sha256,
+                    HashAlg::Sha384,
+                    HashAlg::Sha512,
+                ],
+            ),
         ];
         for (name, n, banks) in expect {
             let log = parse(&fixture(&format!("{name}.bin"))).unwrap();
@@ -1018,6 +1030,22 @@ mod tests {
             assert_eq!(log.events.len(), n, "{name}");
             assert_eq!(log.events.first().unwrap().index, 1);
             assert_eq!(log.banks(), banks, "{name}");
+        }
+    }
+
+    #[test]
+    fn four_banks_replay_like_their_source_in_sha256() {
+        // The SHA-256 bank of the derived log is mb_log's, event for event.
+        let four = parse(&fixture("four-banks.bin")).unwrap().replay();
+        let one = parse(&fixture("mb_log.bin")).unwrap().replay();
+        assert_eq!(four[&HashAlg::Sha256], one[&HashAlg::Sha256]);
+        for bank in [HashAlg::Sha384, HashAlg::Sha512] {
+            let pcrs = &four[&bank];
+            assert_eq!(pcrs.len(), one[&HashAlg::Sha256].len(), "{bank}");
+            assert!(
+                pcrs.values().all(|v| v.len() == bank.digest_len()),
+                "{bank}"
+            );
         }
     }
 
