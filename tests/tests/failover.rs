@@ -2,7 +2,8 @@
 //! given both servers' URLs attests through the first; the first is killed
 //! mid-run; the agent fails over to the second by itself, which accepts its
 //! nonces, verdicts and events in the same database; the audit trail holds
-//! both servers' events, each server's chain intact.
+//! both servers' events, each server's chain intact. A scheduler filter
+//! given both URLs fails over the same way.
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 (ATTEST_TEST_PG_URL overrides); fails
 //! under CI=true without it, skips loudly elsewhere.
@@ -141,6 +142,26 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
     let after = after.expect("the agent attested through server B after A died");
     assert_eq!(after.trust, Trust::Trusted, "{after:?}");
     assert!(after.verified_at > on_a.verified_at);
+
+    // A scheduler filter given both URLs, A first, gets its answer from B;
+    // one given only A cannot reach a server and lets no host through.
+    let filter_for = |server_url: String| {
+        scheduler_filter::TrustFilter::new(&scheduler_filter::FilterConfig {
+            server_url,
+            tls: pool.files("scheduler"),
+            request_timeout_secs: 5,
+            max_cache_secs: 0,
+            extender: Default::default(),
+        })
+    };
+    let candidates = vec!["node1".to_string()];
+    let both = filter_for(format!("{},{}", pool.url, url_b))?;
+    let decided = both.decide(&candidates, Trust::Trusted).await;
+    assert!(decided.iter().all(|d| d.allowed), "{decided:?}");
+    assert_eq!(decided.len(), 1);
+    let only_a = filter_for(pool.url.clone())?;
+    let refused = only_a.decide(&candidates, Trust::Trusted).await;
+    assert!(refused.iter().all(|d| !d.allowed), "{refused:?}");
 
     // Both servers' events are in the one database, each chain intact.
     let events = state_b.store.stored_events_after(0, 100_000).await?;
