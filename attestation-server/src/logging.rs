@@ -26,15 +26,33 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-    };
+    let _ = tracing::subscriber::set_global_default(subscriber(format, filter, std::io::stdout));
+}
+
+/// The subscriber [`init`] installs, writing to `writer`. In JSON, each
+/// line carries the fields of the span it was written in (`span`, holding
+/// the request id), not the list of enclosing spans.
+fn subscriber<W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+    }
 }
 
 /// A client's id is kept only if it cannot smuggle anything into a log line.
@@ -92,5 +110,79 @@ mod tests {
         }
         let long = HeaderValue::from_str(&"a".repeat(65)).unwrap();
         assert_eq!(usable(&long), None);
+    }
+
+    /// Log lines written into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// In JSON logs, every line written while a request is served carries
+    /// its id, which the answer echoes: the client's when usable, else a
+    /// new UUID.
+    #[tokio::test(flavor = "current_thread")]
+    async fn json_lines_carry_the_request_id_the_answer_echoes() {
+        use tower::ServiceExt;
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let _guard = tracing::subscriber::set_default(subscriber(
+            LogFormat::Json,
+            tracing_subscriber::EnvFilter::new("debug"),
+            move || sink.clone(),
+        ));
+        let app = axum::Router::new()
+            .route(
+                "/x",
+                axum::routing::get(|| async {
+                    tracing::info!(step = "handler", "inside the handler");
+                    "ok"
+                }),
+            )
+            .layer(axum::middleware::from_fn(request_id));
+        let call = |id: Option<&'static str>| {
+            let mut req = Request::builder().uri("/x");
+            if let Some(id) = id {
+                req = req.header(REQUEST_ID, id);
+            }
+            app.clone()
+                .oneshot(req.body(axum::body::Body::empty()).unwrap())
+        };
+        let echoed = |resp: &Response| resp.headers()[&REQUEST_ID].to_str().unwrap().to_string();
+        let kept = call(Some("req-7")).await.unwrap();
+        assert_eq!(echoed(&kept), "req-7");
+        // Not usable in a log line: replaced by a fresh id.
+        let replaced = call(Some("a b")).await.unwrap();
+        let fresh = echoed(&replaced);
+        assert!(uuid::Uuid::parse_str(&fresh).is_ok(), "{fresh}");
+
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids_of = |message: &str| {
+            logged
+                .iter()
+                .filter(|l| l["fields"]["message"] == message)
+                .map(|l| {
+                    l["span"]["request_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids_of("inside the handler"), ["req-7", fresh.as_str()]);
+        assert_eq!(ids_of("request served"), ["req-7", fresh.as_str()]);
+        assert!(logged.iter().all(|l| l["level"].is_string()), "{text}");
     }
 }
