@@ -26,6 +26,7 @@
 
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
+use proto::bootpolicy::{BootFault, BootPolicy};
 use proto::eventlog::{self, EventLog, EventLogError, ReplayMismatch};
 use proto::ima::{self, ImaError, ImaState, Replayed};
 use proto::policy::{
@@ -159,12 +160,17 @@ pub enum EventLogFailure {
     Encoding,
     #[error("UEFI event log: {0}")]
     Parse(EventLogError),
-    #[error("UEFI event log altered: {mismatch}{}", altered.as_ref().map(|a| format!("; {a}")).unwrap_or_default())]
+    #[error("UEFI event log altered: {mismatch}{}{}",
+        altered.as_ref().map(|a| format!("; {a}")).unwrap_or_default(),
+        refused.as_ref().map(|f| format!("; the host's boot policy refuses {f}")).unwrap_or_default())]
     Replay {
         mismatch: ReplayMismatch,
         /// The first event of the mismatching PCR that differs from the
         /// host's last verified log, when one is stored.
         altered: Option<Box<AlteredEvent>>,
+        /// Without a stored log: the first event of the mismatching PCR
+        /// that a boot policy judging the host refuses, if one does.
+        refused: Option<Box<BootFault>>,
     },
 }
 
@@ -397,6 +403,15 @@ pub struct HostPolicy {
 }
 
 impl HostPolicy {
+    /// The boot policies of the whitelists that judge the host.
+    pub fn boot_policies(&self) -> impl Iterator<Item = &BootPolicy> {
+        self.whitelists
+            .iter()
+            .filter(|w| !w.deleted)
+            .flat_map(|w| w.parts.values())
+            .filter_map(|p| p.boot.as_deref())
+    }
+
     /// A policy of one whitelist holding `wl` as the host's own values
     /// (part `host_unique`), as `PUT /v1/hosts/{host}/whitelist` stores it.
     pub fn own(host: &str, wl: &wire::Whitelist) -> Self {
@@ -610,7 +625,8 @@ pub fn verify_with_state(
     check_selection(&decoded.attest, &evidence.pcrs, expected.challenge)?;
     check_pcr_digest(&decoded, &evidence.pcrs)?;
     let rebooted = check_clock(&decoded.attest.clock_info, expected.last_clock.as_ref())?;
-    let uefi = check_uefi_log(evidence, stored.uefi_log)?;
+    let boot: Vec<&BootPolicy> = policy.host_policy.boot_policies().collect();
+    let uefi = check_uefi_log(evidence, stored.uefi_log, &boot)?;
     let ima = check_ima_log(evidence, ima_state, decoded.attest.clock_info.reset_count)?;
     let logs = CheckedLogs { uefi, ima };
     let judgement = judge(&evidence.pcrs, &logs.logs(), policy.host_policy);
@@ -644,10 +660,14 @@ fn quoted_bank(pcrs: &PcrValues, bank: HashAlg) -> BTreeMap<u32, Vec<u8>> {
 }
 
 /// Step 7: the UEFI log replays, in every quoted bank it has, to the
-/// quoted value of every PCR it extends.
+/// quoted value of every PCR it extends. A mismatch names the event that
+/// changed since `previous` (the host's last verified log), or else the
+/// first event of that PCR one of `boot` (the boot policies judging the
+/// host) refuses: the replay alone tells which PCR, not which event.
 pub fn check_uefi_log(
     evidence: &Evidence,
     previous: Option<&[u8]>,
+    boot: &[&BootPolicy],
 ) -> Result<Option<(Vec<u8>, EventLog)>, EventLogFailure> {
     let Some(b64) = &evidence.uefi_log else {
         return Ok(None);
@@ -674,17 +694,41 @@ pub fn check_uefi_log(
         return Err(EventLogFailure::Replay {
             mismatch: ReplayMismatch::BankNotInLog { bank },
             altered: None,
+            refused: None,
         });
     }
     for bank in banks {
         eventlog::check_against_quote(&log, bank, &quoted_bank(&evidence.pcrs, bank)).map_err(
-            |mismatch| EventLogFailure::Replay {
-                altered: altered_event(&log, previous, bank, &mismatch).map(Box::new),
-                mismatch,
+            |mismatch| {
+                let altered = altered_event(&log, previous, bank, &mismatch).map(Box::new);
+                let refused = match altered {
+                    Some(_) => None,
+                    None => refused_event(&log, boot, &mismatch).map(Box::new),
+                };
+                EventLogFailure::Replay {
+                    mismatch,
+                    altered,
+                    refused,
+                }
             },
         )?;
     }
     Ok(Some((bytes, log)))
+}
+
+/// The first event of the mismatching PCR that one of `boot` refuses.
+fn refused_event(
+    log: &EventLog,
+    boot: &[&BootPolicy],
+    mismatch: &ReplayMismatch,
+) -> Option<BootFault> {
+    let ReplayMismatch::Differs { pcr, .. } = mismatch else {
+        return None;
+    };
+    boot.iter()
+        .flat_map(|b| b.evaluate(log))
+        .filter(|f| f.pcr == Some(*pcr) && f.event_index.is_some())
+        .min_by_key(|f| f.event_index)
 }
 
 /// The first event of the mismatching PCR whose digest differs from the
@@ -1734,7 +1778,7 @@ mod tests {
         let mut ev = evidence(BTreeMap::from([(HashAlg::Sha256, pcrs)]));
         let b64 = base64::engine::general_purpose::STANDARD;
         ev.uefi_log = Some(b64.encode(&bytes));
-        let (kept, parsed) = check_uefi_log(&ev, None).unwrap().unwrap();
+        let (kept, parsed) = check_uefi_log(&ev, None, &[]).unwrap().unwrap();
         assert_eq!(
             (kept.as_slice(), parsed.events.len()),
             (bytes.as_slice(), log.events.len())
@@ -1754,7 +1798,7 @@ mod tests {
         let mut altered = bytes.clone();
         altered[at] ^= 0x80;
         ev.uefi_log = Some(b64.encode(&altered));
-        let e = Failure::from(check_uefi_log(&ev, Some(&bytes)).unwrap_err());
+        let e = Failure::from(check_uefi_log(&ev, Some(&bytes), &[]).unwrap_err());
         assert_eq!(
             (e.step(), e.code()),
             (Step::EventLog, "eventlog_replay_mismatch")
@@ -1771,24 +1815,41 @@ mod tests {
             "{text}"
         );
         // Without the previous log, the PCR and its last event are named.
-        let e = Failure::from(check_uefi_log(&ev, None).unwrap_err());
+        let e = Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err());
         assert!(e.to_string().contains("last event into it"), "{e}");
         assert!(!e.to_string().contains("differs from"), "{e}");
+        // Nor with a boot policy that allows it all; one made from the good
+        // log names the event whose digest it does not allow.
+        let open = proto::bootpolicy::BootPolicy {
+            version: 1,
+            ..serde_json::from_str(r#"{"version": 1, "bank": "sha256"}"#).unwrap()
+        };
+        let e = Failure::from(check_uefi_log(&ev, None, &[&open]).unwrap_err());
+        assert!(!e.to_string().contains("refuses"), "{e}");
+        let good = proto::bootpolicy::BootPolicy::from_eventlog(&log);
+        let e = Failure::from(check_uefi_log(&ev, None, &[&open, &good]).unwrap_err());
+        let text = e.to_string();
+        assert!(
+            text.contains("boot policy refuses")
+                && text.contains(&format!("at event {} (PCR 4)", app.index)),
+            "{text}"
+        );
+        assert_eq!(e.code(), "eventlog_replay_mismatch");
         // Garbage and a PCR the quote leaves out.
         ev.uefi_log = Some("%%%".into());
         assert_eq!(
-            Failure::from(check_uefi_log(&ev, None).unwrap_err()).code(),
+            Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err()).code(),
             "eventlog_encoding"
         );
         ev.uefi_log = Some(b64.encode(&bytes[..100]));
         assert_eq!(
-            Failure::from(check_uefi_log(&ev, None).unwrap_err()).code(),
+            Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err()).code(),
             "eventlog_truncated"
         );
         ev.uefi_log = Some(b64.encode(&bytes));
         ev.pcrs.get_mut(&HashAlg::Sha256).unwrap().remove(&14);
         assert_eq!(
-            Failure::from(check_uefi_log(&ev, None).unwrap_err()).code(),
+            Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err()).code(),
             "eventlog_pcr_not_quoted"
         );
     }
