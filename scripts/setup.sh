@@ -22,6 +22,8 @@ PACKAGES=(
     ca-certificates # TLS to crates.io for cargo
     python3         # scripts/check-cadf.py, scripts/demo/helper.py
     python3-pip     # installs pycadf for the CADF conformance check
+    curl            # tests/faults/under-load.sh polls the server's /readyz
+    postgresql-client # psql: tests/faults/under-load.sh makes its database
 )
 
 say() { echo "setup: $*"; }

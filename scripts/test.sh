@@ -17,6 +17,22 @@ echo "== cargo test"
 rm -rf "${CARGO_TARGET_DIR:-target}/cadf-samples"
 cargo test --workspace --locked
 
+# A server killed (SIGKILL) under load loses nothing it acknowledged, on
+# either backend (tests/faults/README.md; the PostgreSQL run is skipped
+# loudly without a database, except under CI=true).
+echo "== fault: the server killed under load"
+cargo build --workspace --bins --locked
+BIN="${CARGO_TARGET_DIR:-target}/debug"
+for backend in sqlite postgres; do
+    if [ "$backend" = postgres ] && [ "${CI:-}" != true ] \
+        && ! psql -q "postgres://postgres@127.0.0.1:5432/postgres" -c "select 1" > /dev/null 2>&1; then
+        echo "!!! SKIPPING the PostgreSQL kill9 run: no PostgreSQL on 127.0.0.1:5432"
+        continue
+    fi
+    BIN="$BIN" BACKEND=$backend HOSTS=100 DURATION=12 KILL_AFTER=5 DOWN_SECS=2 \
+        bash tests/faults/under-load.sh kill9
+done
+
 # The tests dump one event of every kind they made the server emit
 # (attestation-server/tests/audit_trail.rs, tests/tests/audit.rs); pycadf must
 # accept each without a warning.
