@@ -259,8 +259,13 @@ async fn evidence(
     // The nonce, once the pool's key shows it was issued to this host; it
     // is stored as used with whatever verdict this evidence gets.
     let mut used: Option<UsedNonce> = None;
+    // IMA list lines the evidence carried (for the metrics).
+    let mut ima_received = 0u64;
     let result = match body {
         Ok(Body(ev)) => {
+            ima_received = ev.ima.as_ref().map_or(0, |i| {
+                i.entries.lines().filter(|l| !l.is_empty()).count() as u64
+            });
             let nonce = ev.nonce.to_ascii_lowercase();
             let claims = challenge_keys(&st, record.challenge_key_generation)
                 .await?
@@ -371,6 +376,14 @@ async fn evidence(
             }
             st.metrics
                 .observe_attestation(&verified.verdict, started.elapsed());
+            st.metrics.observe_ima(
+                ima_received,
+                verified
+                    .logs
+                    .ima
+                    .as_ref()
+                    .map_or(0, |i| i.replayed.len() as u64),
+            );
             st.throttle.accepted(&host);
             st.audit_wake.notify_one();
             st.push

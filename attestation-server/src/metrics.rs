@@ -48,6 +48,8 @@ pub struct Metrics {
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
     throttled: AtomicU64,
+    ima_received: AtomicU64,
+    ima_verified: AtomicU64,
 }
 
 impl Metrics {
@@ -82,6 +84,14 @@ impl Metrics {
     }
 
     /// Count one challenge or evidence request refused by the failure throttle.
+    /// Count the IMA entries one stored attestation carried (`received`)
+    /// and the new ones it verified (`verified`): an agent that sends only
+    /// what the server has not verified keeps the two close.
+    pub fn observe_ima(&self, received: u64, verified: u64) {
+        self.ima_received.fetch_add(received, Ordering::Relaxed);
+        self.ima_verified.fetch_add(verified, Ordering::Relaxed);
+    }
+
     pub fn observe_throttled(&self) {
         self.throttled.fetch_add(1, Ordering::Relaxed);
     }
@@ -146,6 +156,21 @@ impl Metrics {
             "attestation_throttled_requests_total {}",
             self.throttled.load(Ordering::Relaxed)
         );
+        for (name, help, value) in [
+            (
+                "attestation_ima_entries_received_total",
+                "IMA list entries received in evidence that was stored.",
+                &self.ima_received,
+            ),
+            (
+                "attestation_ima_entries_verified_total",
+                "IMA list entries replayed to a quote and judged for the first time.",
+                &self.ima_verified,
+            ),
+        ] {
+            family(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
     }
 }
 

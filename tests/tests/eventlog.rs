@@ -339,9 +339,28 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
         "{reason:?}"
     );
     let state = stored_ima_state(&pool).await?;
-    assert_eq!(
-        state.state.entries_verified, 4,
-        "only the new entry was sent"
+    assert_eq!(state.state.entries_verified, 4);
+    // Only the new entry was sent: the server counts what evidence carried.
+    // The three entries once, then the new one (twice at most: a list read
+    // just after an extend the quote missed is sent again next round).
+    let metrics = pool
+        .http("admin")?
+        .get(format!("{}/metrics", pool.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let count = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    let received = count("attestation_ima_entries_received_total ");
+    let verified = count("attestation_ima_entries_verified_total ");
+    assert_eq!(verified, Some(4), "{metrics}");
+    assert!(
+        received.is_some_and(|r| (4..=5).contains(&r)),
+        "only new entries are sent: {received:?} received"
     );
     // The failure sticks: later rounds send nothing new, the verdict stays.
     let later = chrono::Utc::now();
