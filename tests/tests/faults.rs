@@ -176,6 +176,181 @@ async fn slow_clients_are_cut_off_and_connections_are_limited() -> anyhow::Resul
     Ok(())
 }
 
+/// A TCP relay in front of the server that can cut the link: accepted
+/// connections are dropped and new ones refused at once while cut (what an
+/// agent sees when its network is partitioned from the server).
+struct Link {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Link {
+    async fn start(target: std::net::SocketAddr) -> anyhow::Result<Link> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (u, g) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let (u, g) = (u.clone(), g.clone());
+                let born = g.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let relay = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    let cut = async {
+                        while u.load(Ordering::SeqCst) && g.load(Ordering::SeqCst) == born {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    };
+                    tokio::select! { _ = relay => {}, _ = cut => {} }
+                });
+            }
+        });
+        Ok(Link {
+            port,
+            up,
+            generation,
+        })
+    }
+
+    fn set(&self, up: bool) {
+        use std::sync::atomic::Ordering;
+        self.up.store(up, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// An agent cut off from the server for longer than the freshness window:
+/// the host reads `unknown` (its verdict expired, never still `trusted`),
+/// and when the link returns the agent attests again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_host_turns_unknown_and_recovers_by_itself() -> anyhow::Result<()> {
+    use proto::wire::Trust;
+    test_support::require_tools()?;
+    let tpm = test_support::SwTpm::start()?;
+    let pool = Pool::start(&[("node1", tpm.tcti())], 1, |c| {
+        c.ek_ca = tpm.local_ca_certs();
+        c.freshness_secs = 3;
+    })
+    .await?;
+    let server: std::net::SocketAddr = pool.url.trim_start_matches("https://").parse()?;
+    let link = Link::start(server).await?;
+    let mut config = pool.agent_config("node1")?;
+    config.server_url = format!("https://127.0.0.1:{}", link.port);
+    config.backoff_max_secs = 2;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(host_agent::run(config, async {
+        let _ = stopped.await;
+    }));
+    pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
+        .await?;
+    let _: serde_json::Value = pool
+        .client("admin")?
+        .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
+        .await?;
+    pool.wait_for("node1", "trusted", |t| t.trust == Trust::Trusted)
+        .await?;
+
+    // Partition: longer than the freshness window.
+    link.set(false);
+    let cut_at = chrono::Utc::now();
+    let stale = pool
+        .wait_for("node1", "unknown once the verdict expired", |t| {
+            t.trust == Trust::Unknown
+        })
+        .await?;
+    assert_eq!(stale.reasons[0].code, "verdict_expired", "{stale:?}");
+    assert!(stale.verified_at.is_some_and(|v| v <= cut_at));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let still = pool.trust("node1").await?;
+    assert_eq!(still.trust, Trust::Unknown, "no verdict while cut off");
+
+    // The link returns: no manual step, the agent attests again.
+    link.set(true);
+    let back = pool
+        .wait_for("node1", "trusted again after the partition", |t| {
+            t.trust == Trust::Trusted && t.verified_at > Some(cut_at)
+        })
+        .await?;
+    assert!(back.reasons.is_empty());
+    let _ = stop.send(());
+    agent.await??;
+    pool.stop().await;
+    Ok(())
+}
+
+/// The host's clock jumps: the TPM clock (what the verifier checks, never
+/// the host's wall clock) is set ten days ahead with TPM2_ClockSet. Forward
+/// time is not a replay: the host stays trusted, with no reboot or
+/// rollback reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_clock_jumping_forward_is_not_a_replay() -> anyhow::Result<()> {
+    use proto::wire::Trust;
+    test_support::require_tools()?;
+    let tpm = test_support::SwTpm::start()?;
+    let pool = Pool::start(&[("node1", tpm.tcti())], 1, |c| {
+        c.ek_ca = tpm.local_ca_certs();
+    })
+    .await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
+        let _ = stopped.await;
+    }));
+    pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
+        .await?;
+    let _: serde_json::Value = pool
+        .client("admin")?
+        .post("/v1/hosts/node1/whitelist/accept", &serde_json::json!({}))
+        .await?;
+    let before = pool
+        .wait_for("node1", "trusted", |t| t.trust == Trust::Trusted)
+        .await?;
+
+    let out = tpm.run_tool("tpm2_readclock", Vec::<&str>::new())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let clock: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("clock: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("tpm2_readclock prints the clock");
+    let ten_days_ms = 10 * 24 * 3600 * 1000;
+    let set = tpm.run_tool("tpm2_setclock", [(clock + ten_days_ms).to_string()])?;
+    assert!(set.status.success(), "{set:?}");
+    let jumped_at = chrono::Utc::now();
+    assert!(before.verified_at < Some(jumped_at));
+
+    let after = pool
+        .wait_for("node1", "a verdict after the jump", |t| {
+            t.verified_at > Some(jumped_at)
+        })
+        .await?;
+    let later = pool
+        .wait_for("node1", "another verdict", |t| {
+            t.verified_at > after.verified_at
+        })
+        .await?;
+    for v in [&after, &later] {
+        assert_eq!(v.trust, Trust::Trusted, "{v:?}");
+    }
+    let events = pool.audit_events().await?;
+    assert!(
+        !events.iter().any(|e| e["action"] == "monitor"),
+        "a clock jump is not a reboot"
+    );
+    let _ = stop.send(());
+    agent.await??;
+    pool.stop().await;
+    Ok(())
+}
+
 /// Graceful shutdown: a request whose body is still arriving when the
 /// server is told to stop is read to the end, served and answered; the
 /// server stops only after that, and a new client is not served meanwhile.
