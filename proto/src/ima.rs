@@ -2492,11 +2492,14 @@ fn judge_policy<'a>(
 ) -> Failures {
     let mut out = Failures::default();
     let mut hashes = [0u64; WARM_GROUP];
-    for (i, e) in entries.clone().enumerate() {
+    // `rest` starts at the current entry: each group is warmed from it.
+    let mut rest = entries.clone();
+    for (i, e) in entries.enumerate() {
         let k = i % WARM_GROUP;
         if k == 0 {
-            hashes = compiled.warm(entries.clone().skip(i));
+            hashes = compiled.warm(rest.clone());
         }
+        rest.next();
         let verdict = if e.pcr != 10 {
             Err((FailureCode::UnexpectedPcr, Vec::new()))
         } else if e.is_violation() {
