@@ -403,13 +403,17 @@ pub struct HostPolicy {
 }
 
 impl HostPolicy {
-    /// The boot policies of the whitelists that judge the host.
-    pub fn boot_policies(&self) -> impl Iterator<Item = &BootPolicy> {
+    /// The parts of the (not deleted) whitelists that judge the host.
+    fn parts(&self) -> impl Iterator<Item = &Part> + Clone {
         self.whitelists
             .iter()
             .filter(|w| !w.deleted)
             .flat_map(|w| w.parts.values())
-            .filter_map(|p| p.boot.as_deref())
+    }
+
+    /// The boot policies of the whitelists that judge the host.
+    pub fn boot_policies(&self) -> impl Iterator<Item = &BootPolicy> + Clone {
+        self.parts().filter_map(|p| p.boot.as_deref())
     }
 
     /// A policy of one whitelist holding `wl` as the host's own values
@@ -625,8 +629,8 @@ pub fn verify_with_state(
     check_selection(&decoded.attest, &evidence.pcrs, expected.challenge)?;
     check_pcr_digest(&decoded, &evidence.pcrs)?;
     let rebooted = check_clock(&decoded.attest.clock_info, expected.last_clock.as_ref())?;
-    let boot: Vec<&BootPolicy> = policy.host_policy.boot_policies().collect();
-    let uefi = check_uefi_log(evidence, stored.uefi_log, &boot)?;
+    let boot = policy.host_policy.boot_policies();
+    let uefi = check_uefi_log(evidence, stored.uefi_log, boot)?;
     let ima = check_ima_log(evidence, ima_state, decoded.attest.clock_info.reset_count)?;
     let logs = CheckedLogs { uefi, ima };
     let judgement = judge(&evidence.pcrs, &logs.logs(), policy.host_policy);
@@ -664,10 +668,10 @@ fn quoted_bank(pcrs: &PcrValues, bank: HashAlg) -> BTreeMap<u32, Vec<u8>> {
 /// changed since `previous` (the host's last verified log), or else the
 /// first event of that PCR one of `boot` (the boot policies judging the
 /// host) refuses: the replay alone tells which PCR, not which event.
-pub fn check_uefi_log(
+pub fn check_uefi_log<'p>(
     evidence: &Evidence,
     previous: Option<&[u8]>,
-    boot: &[&BootPolicy],
+    boot: impl Iterator<Item = &'p BootPolicy> + Clone,
 ) -> Result<Option<(Vec<u8>, EventLog)>, EventLogFailure> {
     let Some(b64) = &evidence.uefi_log else {
         return Ok(None);
@@ -703,7 +707,7 @@ pub fn check_uefi_log(
                 let altered = altered_event(&log, previous, bank, &mismatch).map(Box::new);
                 let refused = match altered {
                     Some(_) => None,
-                    None => refused_event(&log, boot, &mismatch).map(Box::new),
+                    None => refused_event(&log, boot.clone(), &mismatch).map(Box::new),
                 };
                 EventLogFailure::Replay {
                     mismatch,
@@ -717,16 +721,15 @@ pub fn check_uefi_log(
 }
 
 /// The first event of the mismatching PCR that one of `boot` refuses.
-fn refused_event(
+fn refused_event<'p>(
     log: &EventLog,
-    boot: &[&BootPolicy],
+    boot: impl Iterator<Item = &'p BootPolicy>,
     mismatch: &ReplayMismatch,
 ) -> Option<BootFault> {
     let ReplayMismatch::Differs { pcr, .. } = mismatch else {
         return None;
     };
-    boot.iter()
-        .flat_map(|b| b.evaluate(log))
+    boot.flat_map(|b| b.evaluate(log))
         .filter(|f| f.pcr == Some(*pcr) && f.event_index.is_some())
         .min_by_key(|f| f.event_index)
 }
@@ -1504,12 +1507,7 @@ pub struct LogNeeds {
 impl LogNeeds {
     pub fn of(policy: &HostPolicy) -> Self {
         let mut needs = LogNeeds::default();
-        for part in policy
-            .whitelists
-            .iter()
-            .filter(|w| !w.deleted)
-            .flat_map(|w| w.parts.values())
-        {
+        for part in policy.parts() {
             if let Some(boot) = &part.boot {
                 needs.boot_banks.insert(boot.bank);
             }
@@ -1778,7 +1776,9 @@ mod tests {
         let mut ev = evidence(BTreeMap::from([(HashAlg::Sha256, pcrs)]));
         let b64 = base64::engine::general_purpose::STANDARD;
         ev.uefi_log = Some(b64.encode(&bytes));
-        let (kept, parsed) = check_uefi_log(&ev, None, &[]).unwrap().unwrap();
+        let (kept, parsed) = check_uefi_log(&ev, None, std::iter::empty())
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (kept.as_slice(), parsed.events.len()),
             (bytes.as_slice(), log.events.len())
@@ -1798,7 +1798,7 @@ mod tests {
         let mut altered = bytes.clone();
         altered[at] ^= 0x80;
         ev.uefi_log = Some(b64.encode(&altered));
-        let e = Failure::from(check_uefi_log(&ev, Some(&bytes), &[]).unwrap_err());
+        let e = Failure::from(check_uefi_log(&ev, Some(&bytes), std::iter::empty()).unwrap_err());
         assert_eq!(
             (e.step(), e.code()),
             (Step::EventLog, "eventlog_replay_mismatch")
@@ -1815,7 +1815,7 @@ mod tests {
             "{text}"
         );
         // Without the previous log, the PCR and its last event are named.
-        let e = Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err());
+        let e = Failure::from(check_uefi_log(&ev, None, std::iter::empty()).unwrap_err());
         assert!(e.to_string().contains("last event into it"), "{e}");
         assert!(!e.to_string().contains("differs from"), "{e}");
         // Nor with a boot policy that allows it all; one made from the good
@@ -1824,10 +1824,10 @@ mod tests {
             version: 1,
             ..serde_json::from_str(r#"{"version": 1, "bank": "sha256"}"#).unwrap()
         };
-        let e = Failure::from(check_uefi_log(&ev, None, &[&open]).unwrap_err());
+        let e = Failure::from(check_uefi_log(&ev, None, [&open].into_iter()).unwrap_err());
         assert!(!e.to_string().contains("refuses"), "{e}");
         let good = proto::bootpolicy::BootPolicy::from_eventlog(&log);
-        let e = Failure::from(check_uefi_log(&ev, None, &[&open, &good]).unwrap_err());
+        let e = Failure::from(check_uefi_log(&ev, None, [&open, &good].into_iter()).unwrap_err());
         let text = e.to_string();
         assert!(
             text.contains("boot policy refuses")
@@ -1838,18 +1838,18 @@ mod tests {
         // Garbage and a PCR the quote leaves out.
         ev.uefi_log = Some("%%%".into());
         assert_eq!(
-            Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err()).code(),
+            Failure::from(check_uefi_log(&ev, None, std::iter::empty()).unwrap_err()).code(),
             "eventlog_encoding"
         );
         ev.uefi_log = Some(b64.encode(&bytes[..100]));
         assert_eq!(
-            Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err()).code(),
+            Failure::from(check_uefi_log(&ev, None, std::iter::empty()).unwrap_err()).code(),
             "eventlog_truncated"
         );
         ev.uefi_log = Some(b64.encode(&bytes));
         ev.pcrs.get_mut(&HashAlg::Sha256).unwrap().remove(&14);
         assert_eq!(
-            Failure::from(check_uefi_log(&ev, None, &[]).unwrap_err()).code(),
+            Failure::from(check_uefi_log(&ev, None, std::iter::empty()).unwrap_err()).code(),
             "eventlog_pcr_not_quoted"
         );
     }
