@@ -83,7 +83,6 @@ impl Metrics {
         self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
-    /// Count one challenge or evidence request refused by the failure throttle.
     /// Count the IMA entries one stored attestation carried (`received`)
     /// and the new ones it verified (`verified`): an agent that sends only
     /// what the server has not verified keeps the two close.
@@ -92,6 +91,7 @@ impl Metrics {
         self.ima_verified.fetch_add(verified, Ordering::Relaxed);
     }
 
+    /// Count one challenge or evidence request refused by the failure throttle.
     pub fn observe_throttled(&self) {
         self.throttled.fetch_add(1, Ordering::Relaxed);
     }
