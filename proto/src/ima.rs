@@ -2491,31 +2491,30 @@ fn judge_policy<'a>(
     index_base: u64,
 ) -> Failures {
     let mut out = Failures::default();
-    let mut hashes = [0u64; WARM_GROUP];
-    // `rest` starts at the current entry: each group is warmed from it.
-    let mut rest = entries.clone();
-    for (i, e) in entries.enumerate() {
-        let k = i % WARM_GROUP;
-        if k == 0 {
-            hashes = compiled.warm(rest.clone());
-        }
-        rest.next();
-        let verdict = if e.pcr != 10 {
-            Err((FailureCode::UnexpectedPcr, Vec::new()))
-        } else if e.is_violation() {
-            if compiled.allow_violations {
-                Ok(())
+    let mut rest = entries;
+    let mut i = 0u64;
+    while rest.clone().next().is_some() {
+        // A group: warmed (and its path hashes computed) from a copy of
+        // the iterator, then judged from the iterator itself.
+        let hashes = compiled.warm(rest.clone());
+        for (e, hash) in rest.by_ref().take(WARM_GROUP).zip(hashes) {
+            i += 1;
+            let verdict = if e.pcr != 10 {
+                Err((FailureCode::UnexpectedPcr, Vec::new()))
+            } else if e.is_violation() {
+                if compiled.allow_violations {
+                    Ok(())
+                } else {
+                    Err((FailureCode::Violation, Vec::new()))
+                }
             } else {
-                Err((FailureCode::Violation, Vec::new()))
-            }
-        } else {
-            compiled.evaluate(&e, hashes.get(k).copied().unwrap_or_default())
-        };
-        if let Err((code, expected)) = verdict {
-            out.total += 1;
-            if out.list.len() < MAX_REPORTED_FAILURES {
-                let index = index_base + i as u64 + 1;
-                out.list.push(failure(&e, index, code, expected));
+                compiled.evaluate(&e, hash)
+            };
+            if let Err((code, expected)) = verdict {
+                out.total += 1;
+                if out.list.len() < MAX_REPORTED_FAILURES {
+                    out.list.push(failure(&e, index_base + i, code, expected));
+                }
             }
         }
     }
