@@ -81,13 +81,20 @@ fn tls_connect(
     Ok(tls)
 }
 
+/// What one read of `s` returns, as text (empty when the peer closed).
+fn read_text(s: &mut impl std::io::Read) -> std::io::Result<String> {
+    let mut buf = vec![0u8; 8192];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 /// Slowloris: a body that never finishes is cut off with `408
 /// request_timeout`; at most `max_connections` connections are served at
 /// once, the next client waiting until one closes; headers that never end
 /// are cut off too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_and_connections_are_limited() -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let pool = Pool::start(&[("node1", "device:/dev/null".to_string())], 30, |c| {
         c.request_timeout_secs = 1;
         c.max_connections = 2;
@@ -104,9 +111,7 @@ async fn slow_clients_are_cut_off_and_connections_are_limited() -> anyhow::Resul
             b"POST /v1/hosts HTTP/1.1\r\nhost: attest\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
         )?;
         s.flush()?;
-        let mut buf = vec![0u8; 4096];
-        let n = s.read(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        Ok(read_text(&mut s)?)
     })
     .await??;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -153,9 +158,7 @@ async fn slow_clients_are_cut_off_and_connections_are_limited() -> anyhow::Resul
             .set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
         s.write_all(b"GET /v1/status HTTP/1.1\r\nhost: attest\r\n")?;
         s.flush()?;
-        let mut buf = vec![0u8; 4096];
-        Ok(s.read(&mut buf)
-            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()))
+        Ok(read_text(&mut s))
     })
     .await??;
     match cut {
@@ -356,7 +359,7 @@ async fn a_tpm_clock_jumping_forward_is_not_a_replay() -> anyhow::Result<()> {
 /// server stops only after that, and a new client is not served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_the_request_in_flight() -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let pool = Pool::start(&[("node1", "device:/dev/null".to_string())], 30, |_| {}).await?;
     let addr = pool.url.trim_start_matches("https://").to_string();
     let config = std::sync::Arc::new(proto::client::rustls_config(&pool.files("admin"))?);
@@ -395,9 +398,7 @@ async fn shutdown_finishes_the_request_in_flight() -> anyhow::Result<()> {
     let answer = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         stream.write_all(&body[1..])?;
         stream.flush()?;
-        let mut buf = vec![0u8; 8192];
-        let n = stream.read(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        Ok(read_text(&mut stream)?)
     })
     .await??;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
