@@ -515,8 +515,7 @@ async fn attestctl_imports_exports_and_diffs_whitelists() -> anyhow::Result<()> 
         r#"{"version": 1, "bank": "sha256", "kernel_cmdline": ["("]}"#,
     )?;
     std::fs::write(&allowlist, "not-hex /usr/bin/bash\n")?;
-    for flag in ["--boot", "--runtime"] {
-        let file = if flag == "--boot" { &boot } else { &allowlist };
+    for (flag, file) in [("--boot", &boot), ("--runtime", &allowlist)] {
         let err = pool
             .attestctl(&format!(
                 "whitelist set-policy kl --part platform {flag} {} --base-version 3",
