@@ -179,9 +179,11 @@ fn cpu_secs(prefix: &str) -> f64 {
 }
 
 fn main() -> Result<()> {
-    // `cargo bench` passes `--bench`; nothing else is read from the arguments.
-    let hosts = env_or("FLOOR_HOSTS", 2000)? as usize;
-    let secs = env_or("FLOOR_SECS", 20)?;
+    // `cargo bench` passes `--bench`; without it (`cargo test
+    // --all-targets`) a one-second run of 20 hosts checks that it works.
+    let full = std::env::args().any(|a| a == "--bench");
+    let hosts = env_or("FLOOR_HOSTS", if full { 2000 } else { 20 })? as usize;
+    let secs = env_or("FLOOR_SECS", if full { 20 } else { 1 })?;
     let concurrency = env_or("FLOOR_CONCURRENCY", 64)? as usize;
 
     let dir = tempfile::tempdir()?;
@@ -240,6 +242,10 @@ fn main() -> Result<()> {
         .await?;
         let wall = t0.elapsed().as_secs_f64();
         let (s1, c1) = (cpu_secs("floor-server"), cpu_secs("floor-client"));
+        let errors = errors.load(Ordering::Relaxed);
+        if errors > 0 && !full {
+            return Err(anyhow!("{errors} exchanges failed"));
+        }
         let n = done.load(Ordering::Relaxed).max(1) as f64;
         println!(
             "{}",
@@ -250,7 +256,7 @@ fn main() -> Result<()> {
                 "exchanges": n,
                 "exchanges_per_second": n / wall,
                 "resumed_share": resumed.load(Ordering::Relaxed) as f64 / n,
-                "errors": errors.load(Ordering::Relaxed),
+                "errors": errors,
                 "server_cpu_us_per_exchange": (s1 - s0) * 1e6 / n,
                 "simulator_cpu_us_per_exchange": (c1 - c0) * 1e6 / n,
             })
