@@ -106,6 +106,8 @@ async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
+            // Out of descriptors and the like: pause rather than spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let _ = tcp.set_nodelay(true);
