@@ -3,8 +3,8 @@
 //! virtual host has a ticket; `POST .../challenge`; a real ECDSA quote
 //! built and sent as `POST .../evidence`; close) against a server with the
 //! attestation server's own TLS configuration (`tls::server_config`: TLS
-//! 1.3, client certificates, stateless tickets) and HTTP stack (hyper
-//! HTTP/1.1 behind axum), whose handlers answer canned JSON: no
+//! 1.3, client certificates, stateless tickets) and connection handling
+//! (`serve_connection`: handshake, client identity, hyper HTTP/1.1), whose handlers answer canned JSON: no
 //! verification, no storage, no audit event. Server and simulator each get
 //! their own two-thread runtime, as the two processes of `bench/load.sh`
 //! do, on the same cores.
@@ -21,10 +21,8 @@ use anyhow::{anyhow, Context, Result};
 use attestation_server::config::ServerTls;
 use attestation_server::pki::Ca;
 use attestation_server::simulate::http::{Conn, Target};
-use attestation_server::simulate::{fleet, quote};
+use attestation_server::simulate::{self, fleet, quote};
 use axum::routing::post;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use proto::wire::{selection_from_map, Challenge, PcrSelectionMap};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -53,17 +51,11 @@ fn host(ca: &Ca, roots: &Arc<rustls::RootCertStore>, i: usize) -> Result<Host> {
     let issued = ca.issue_client("agent", &name)?;
     let cert = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())?;
     let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(vec![cert], key)?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tls.resumption = rustls::client::Resumption::in_memory_sessions(2);
+    let tls = simulate::host_tls(roots, cert, key, true)?;
     let (ak_public, ak) = fleet::ak(&fleet::derive_key(b"tls floor", "ak", i))?;
     Ok(Host {
         name,
-        tls: Arc::new(tls),
+        tls,
         ak,
         ak_name: ak_public.name(),
     })
@@ -104,6 +96,8 @@ async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>
             }),
         );
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    // Never told to stop: the process ends with the window.
+    let (_keep, stop) = tokio::sync::watch::channel(false);
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             // Out of descriptors and the like: pause rather than spin.
@@ -111,25 +105,12 @@ async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
-            // Every connection's client identity, as the server reads it.
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(attestation_server::tls::identity);
-            std::hint::black_box(peer);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
-                .await;
-        });
+        tokio::spawn(attestation_server::serve_connection(
+            tcp,
+            acceptor.clone(),
+            app.clone(),
+            stop.clone(),
+        ));
     }
 }
 

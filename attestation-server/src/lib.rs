@@ -222,7 +222,11 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-async fn serve_connection(
+/// Serve one accepted connection: the TLS handshake, then HTTP/1.1 with
+/// each request carrying the client's identity, until the client is done
+/// or `stop` says to finish (the `tls_floor` bench serves its canned
+/// answers through it too).
+pub async fn serve_connection(
     tcp: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
     app: axum::Router,

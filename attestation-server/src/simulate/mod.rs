@@ -490,6 +490,33 @@ fn root_store(ca: &std::path::Path) -> Result<rustls::RootCertStore, SimError> {
     Ok(roots)
 }
 
+/// A virtual host's TLS client: TLS 1.3, its own client certificate, and
+/// a ticket cache of its own when `resumption` (also used by the
+/// `tls_floor` bench, so that both make the same handshakes).
+pub fn host_tls(
+    roots: &Arc<rustls::RootCertStore>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    resumption: bool,
+) -> Result<Arc<rustls::ClientConfig>, SimError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| SimError::Tls(e.to_string()))?
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(vec![cert], key)
+        .map_err(|e| SimError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // One host talks to one server: a tiny per-host ticket cache (rustls'
+    // default of 256 entries per config would cost gigabytes at 100k hosts).
+    tls.resumption = if resumption {
+        rustls::client::Resumption::in_memory_sessions(2)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
+    Ok(Arc::new(tls))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn virtual_host(
     index: usize,
@@ -503,31 +530,19 @@ fn virtual_host(
 ) -> Result<VirtualHost, SimError> {
     let name = host_name(prefix, index);
     let (cert, key) = ca.agent_cert(&name)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| SimError::Tls(e.to_string()))?
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(
-            vec![CertificateDer::from(cert)],
-            PrivateKeyDer::Pkcs8(key.into()),
-        )
-        .map_err(|e| SimError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // One host talks to one server: a tiny per-host ticket cache (rustls'
-    // default of 256 entries per config would cost gigabytes at 100k hosts).
-    tls.resumption = if resumption {
-        rustls::client::Resumption::in_memory_sessions(2)
-    } else {
-        rustls::client::Resumption::disabled()
-    };
+    let tls = host_tls(
+        roots,
+        CertificateDer::from(cert),
+        PrivateKeyDer::Pkcs8(key.into()),
+        resumption,
+    )?;
     let (ak_public, ak) = fleet::ak(&fleet::derive_key(seed, "ak", index))?;
     Ok(VirtualHost {
         index,
         kind: kind_of(index, tampered, garbage),
         ak_name: ak_public.name(),
         name,
-        tls: Arc::new(tls),
+        tls,
         ak_public,
         ak,
         busy: AtomicBool::new(false),
