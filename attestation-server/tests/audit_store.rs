@@ -5,9 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use attestation_server::audit::{self, chain};
-use attestation_server::store::{self, EventFilter, Store};
+use attestation_server::store::{self, AttestationRecord, EventFilter, Store, TrustChange};
 use chrono::{Duration, Utc};
 use proto::cadf::Resource;
+use proto::wire::{HostTrust, Trust};
 use sqlx::Connection;
 use std::sync::Arc;
 
@@ -121,11 +122,112 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!(back.signature, c.signature);
     assert_eq!(back.count, 60);
     assert!(s.last_checkpoint("srv-b").await.unwrap().is_none());
-    let ev = audit::trust_change_event("srv-a", "h1", None, "trusted", Utc::now());
-    s.record_trust_change("h1", "trusted", &ev).await.unwrap();
-    let ev = audit::trust_change_event("srv-a", "h1", Some("trusted"), "stale", Utc::now());
-    s.record_trust_change("h1", "stale", &ev).await.unwrap();
-    assert_eq!(s.trust_states().await.unwrap()["h1"], "stale");
+    trust_scan(&s).await;
+}
+
+/// The trust scanner's queries: the database finds the hosts whose state
+/// changed (new verdict, other trust, expiry), a scan records them in one
+/// transaction, and a change recorded already (by another server) is not
+/// recorded, nor its event appended, twice.
+async fn trust_scan(s: &Arc<dyn Store>) {
+    let now = Utc::now();
+    for (host, trust, expires) in [
+        ("t1", Trust::Trusted, now + Duration::minutes(10)),
+        ("t2", Trust::Untrusted, now + Duration::minutes(10)),
+        ("t3", Trust::Trusted, now - Duration::seconds(1)),
+    ] {
+        s.register_host(host, now).await.unwrap();
+        let v = HostTrust {
+            host: host.into(),
+            trust,
+            verified_at: Some(now),
+            expires_at: Some(expires),
+            reasons: vec![],
+            policy: None,
+        };
+        let rec = AttestationRecord {
+            verdict: &v,
+            verified_pcrs: None,
+            clock: None,
+            events: &[],
+            policy_epoch: None,
+            nonce: None,
+        };
+        s.record_attestation(host, rec).await.unwrap();
+    }
+    let change = |host: &str, before: Option<&str>, state: &str| TrustChange {
+        host: host.into(),
+        before: before.map(String::from),
+        state: state.into(),
+    };
+    let found = s.trust_changes(now, 100).await.unwrap();
+    assert_eq!(
+        found,
+        vec![
+            change("t1", None, "trusted"),
+            change("t2", None, "untrusted"),
+            change("t3", None, "stale"),
+        ]
+    );
+    assert_eq!(s.trust_changes(now, 2).await.unwrap(), found[..2]);
+
+    let with_events = |changes: &[TrustChange], at| -> Vec<(TrustChange, store::NewEvent)> {
+        changes
+            .iter()
+            .map(|c| {
+                let ev =
+                    audit::trust_change_event("srv-c", &c.host, c.before.as_deref(), &c.state, at);
+                (c.clone(), ev)
+            })
+            .collect()
+    };
+    let events_of_c = |s: Arc<dyn Store>| async move {
+        s.chain_head("srv-c").await.unwrap().map_or(0, |h| h.count)
+    };
+    let batch = with_events(&found, now);
+    let recorded = s.record_trust_changes(&batch).await.unwrap();
+    assert_eq!(recorded, vec!["t1", "t2", "t3"]);
+    assert_eq!(events_of_c(s.clone()).await, 3);
+    let states = s.trust_states().await.unwrap();
+    assert_eq!(
+        (
+            states["t1"].as_str(),
+            states["t2"].as_str(),
+            states["t3"].as_str()
+        ),
+        ("trusted", "untrusted", "stale")
+    );
+    assert!(s.trust_changes(now, 100).await.unwrap().is_empty());
+    // The same changes again (a second server's scan, late): nothing.
+    assert!(s.record_trust_changes(&batch).await.unwrap().is_empty());
+    assert_eq!(events_of_c(s.clone()).await, 3);
+
+    // Eleven minutes on, t1 and t2 lapse; two scans race to report it.
+    let later = now + Duration::minutes(11);
+    let found = s.trust_changes(later, 100).await.unwrap();
+    assert_eq!(
+        found,
+        vec![
+            change("t1", Some("trusted"), "stale"),
+            change("t2", Some("untrusted"), "stale"),
+        ]
+    );
+    let batch = with_events(&found, later);
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let (s, batch) = (s.clone(), batch.clone());
+            tokio::spawn(async move { s.record_trust_changes(&batch).await.unwrap() })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for r in racers {
+        all.extend(r.await.unwrap());
+    }
+    all.sort();
+    assert_eq!(all, vec!["t1", "t2"], "each change recorded once");
+    assert_eq!(events_of_c(s.clone()).await, 5);
+    assert!(s.trust_changes(later, 100).await.unwrap().is_empty());
+    assert!(s.record_trust_changes(&[]).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

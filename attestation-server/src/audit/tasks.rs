@@ -127,35 +127,61 @@ async fn trust_scanner(state: Arc<AppState>, shutdown: impl Future<Output = ()>)
     }
 }
 
+/// Most changes one transaction of a scan records.
+const CHANGES_PER_TRANSACTION: i64 = 1000;
+
 /// One scan: emit a `trust_change` event for each host whose state differs
 /// from the one last reported. Returns how many changes were recorded.
+///
+/// The database finds the changes, and each transaction records up to
+/// [`CHANGES_PER_TRANSACTION`] of them: a pool of 100,000 hosts whose
+/// verdicts lapse together costs a hundred commits, not 100,000, and
+/// nothing is read that did not change.
 pub async fn scan_trust(state: &AppState) -> Result<usize, Error> {
     let now = Utc::now();
-    let known = state.store.trust_states().await?;
-    let mut changes = 0;
-    for v in state.store.all_verdicts().await? {
-        let current = super::trust_state(&v, now);
-        let before = known.get(&v.host).map(String::as_str);
-        if before == Some(current) {
-            continue;
-        }
-        let ev = super::trust_change_event(&state.config.name, &v.host, before, current, now);
-        state
+    let mut recorded = 0;
+    loop {
+        let found = state
             .store
-            .record_trust_change(&v.host, current, &ev)
+            .trust_changes(now, CHANGES_PER_TRANSACTION)
             .await?;
-        tracing::info!(
-            host = v.host,
-            from = before.unwrap_or("unknown"),
-            to = current,
-            "trust changed"
-        );
-        changes += 1;
+        let changes: Vec<_> = found
+            .into_iter()
+            .map(|c| {
+                let ev = super::trust_change_event(
+                    &state.config.name,
+                    &c.host,
+                    c.before.as_deref(),
+                    &c.state,
+                    now,
+                );
+                (c, ev)
+            })
+            .collect();
+        let done: std::collections::HashSet<String> = state
+            .store
+            .record_trust_changes(&changes)
+            .await?
+            .into_iter()
+            .collect();
+        for (c, _) in changes.iter().filter(|(c, _)| done.contains(&c.host)) {
+            tracing::info!(
+                host = c.host,
+                from = c.before.as_deref().unwrap_or("unknown"),
+                to = c.state,
+                "trust changed"
+            );
+        }
+        recorded += done.len();
+        if !done.is_empty() {
+            state.audit_wake.notify_one();
+        }
+        // A short page was the last; a page recording nothing (another
+        // server recorded the same changes) would be found again.
+        if (changes.len() as i64) < CHANGES_PER_TRANSACTION || done.is_empty() {
+            return Ok(recorded);
+        }
     }
-    if changes > 0 {
-        state.audit_wake.notify_one();
-    }
-    Ok(changes)
 }
 
 /// Prune events older than `retention_days` once every sink has them.

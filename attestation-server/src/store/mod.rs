@@ -497,15 +497,23 @@ pub trait Store: Send + Sync + 'static {
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
     /// The trust state last reported per host by the trust scanner.
     async fn trust_states(&self) -> Result<HashMap<String, String>, StoreError>;
-    /// Every stored verdict.
-    async fn all_verdicts(&self) -> Result<Vec<HostTrust>, StoreError>;
-    /// Remember a host's reported trust state, with the event reporting the change.
-    async fn record_trust_change(
+    /// Up to `limit` hosts (by name) whose trust state at `now` (see
+    /// [`crate::audit::trust_state`]) differs from the one last reported.
+    /// The database compares: a pool whose states did not change costs one
+    /// join in the database, not every verdict sent to the server.
+    async fn trust_changes(
         &self,
-        host: &str,
-        state: &str,
-        event: &NewEvent,
-    ) -> Result<(), StoreError>;
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<TrustChange>, StoreError>;
+    /// Remember the reported trust states of `changes`, each with the event
+    /// reporting it, in one transaction. A change whose host already has
+    /// that state (another server reported it first) is skipped with its
+    /// event. Returns the hosts recorded.
+    async fn record_trust_changes(
+        &self,
+        changes: &[(TrustChange, NewEvent)],
+    ) -> Result<Vec<String>, StoreError>;
     /// Delete events older than `before` with `seq <= delivered` (delivered everywhere).
     async fn prune_events(&self, before: DateTime<Utc>, delivered: i64) -> Result<u64, StoreError>;
 
@@ -816,6 +824,15 @@ impl PolicyCache {
         }
         entries.by_host.insert(host.to_string(), policy);
     }
+}
+
+/// A host whose trust state changed since it was last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustChange {
+    pub host: String,
+    /// The state last reported; `None` if none was.
+    pub before: Option<String>,
+    pub state: String,
 }
 
 /// Serializes this process's writes to SQLite, which admits one writer at
@@ -1677,32 +1694,77 @@ macro_rules! sql_store {
                     .collect()
             }
 
-            async fn all_verdicts(&self) -> Result<Vec<$crate::store::HostTrust>, $crate::store::StoreError> {
-                let rows = sqlx::query("SELECT host, trust, verified_at, expires_at, reasons, policy FROM verdicts ORDER BY host")
-                    .fetch_all(&self.pool)
-                    .await?;
-                rows.iter().map(verdict_row).collect()
+            async fn trust_changes(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                limit: i64,
+            ) -> Result<Vec<$crate::store::TrustChange>, $crate::store::StoreError> {
+                use sqlx::Row;
+                // A verdict without expiry, or past it, is stale (as `audit::trust_state`).
+                let rows = sqlx::query(
+                    "SELECT host, reported, state FROM (\
+                       SELECT v.host AS host, s.state AS reported, \
+                         CASE WHEN v.expires_at > $1 THEN v.trust ELSE 'stale' END AS state \
+                       FROM verdicts v LEFT JOIN audit_trust_state s ON s.host = v.host) AS t \
+                     WHERE reported IS NULL OR reported <> state ORDER BY host LIMIT $2",
+                )
+                .bind($crate::store::micros(now))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok($crate::store::TrustChange {
+                            host: r.try_get("host")?,
+                            before: r.try_get("reported")?,
+                            state: r.try_get("state")?,
+                        })
+                    })
+                    .collect()
             }
 
-            async fn record_trust_change(
+            async fn record_trust_changes(
                 &self,
-                host: &str,
-                state: &str,
-                event: &$crate::store::NewEvent,
-            ) -> Result<(), $crate::store::StoreError> {
+                changes: &[($crate::store::TrustChange, $crate::store::NewEvent)],
+            ) -> Result<Vec<String>, $crate::store::StoreError> {
+                use sqlx::Row;
+                if changes.is_empty() {
+                    return Ok(Vec::new());
+                }
                 let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
-                sqlx::query(
-                    "INSERT INTO audit_trust_state (host, state) VALUES ($1, $2) \
-                     ON CONFLICT (host) DO UPDATE SET state = excluded.state",
-                )
-                .bind(host)
-                .bind(state)
-                .execute(&mut *tx)
-                .await?;
-                insert_event(&mut tx, event).await?;
+                // Compare and set: a state another server recorded first is
+                // not reported twice.
+                let mut recorded = std::collections::HashSet::new();
+                for chunk in changes.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO audit_trust_state (host, state) ");
+                    qb.push_values(chunk, |mut row, (c, _)| {
+                        row.push_bind(c.host.as_str()).push_bind(c.state.as_str());
+                    });
+                    qb.push(
+                        " ON CONFLICT (host) DO UPDATE SET state = excluded.state \
+                         WHERE audit_trust_state.state <> excluded.state RETURNING host",
+                    );
+                    for row in qb.build().persistent(false).fetch_all(&mut *tx).await? {
+                        recorded.insert(row.try_get::<String, _>("host")?);
+                    }
+                }
+                let events: Vec<&$crate::store::NewEvent> = changes
+                    .iter()
+                    .filter(|(c, _)| recorded.contains(&c.host))
+                    .map(|(_, e)| e)
+                    .collect();
+                if !events.is_empty() {
+                    let mut heads = $crate::store::ChainHeads::default();
+                    append_events(&mut tx, &mut heads, &events).await?;
+                    save_heads(&mut tx, &heads).await?;
+                }
                 tx.commit().await?;
-                Ok(())
+                Ok(changes
+                    .iter()
+                    .filter(|(c, _)| recorded.contains(&c.host))
+                    .map(|(c, _)| c.host.clone())
+                    .collect())
             }
 
             async fn prune_events(&self, before: chrono::DateTime<chrono::Utc>, delivered: i64) -> Result<u64, $crate::store::StoreError> {
