@@ -33,6 +33,17 @@ for backend in sqlite postgres; do
         bash tests/faults/under-load.sh kill9
 done
 
+# PostgreSQL stopped and started under load: 503 storage_unavailable while
+# it is away, recovery by itself, nothing acknowledged lost. The script
+# stops a cluster of its own, never the machine's.
+echo "== fault: PostgreSQL restarted under load"
+if [ "${CI:-}" != true ] && ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; then
+    echo "!!! SKIPPING the PostgreSQL restart run: no PostgreSQL server binaries"
+else
+    BIN="$BIN" HOSTS=100 DURATION=15 KILL_AFTER=5 DOWN_SECS=3 \
+        bash tests/faults/under-load.sh pg-restart
+fi
+
 # The tests dump one event of every kind they made the server emit
 # (attestation-server/tests/audit_trail.rs, tests/tests/audit.rs); pycadf must
 # accept each without a warning.

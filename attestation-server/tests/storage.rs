@@ -222,6 +222,47 @@ async fn policy_suite(s: Arc<dyn Store>) {
     assert_eq!(hp.group.map(|g| g.name), Some("edge".into()));
     assert_eq!(hp.whitelists, vec![v2.clone()]);
     assert!(s.host_policy("p2").await.unwrap().whitelists.is_empty());
+    // A host's own whitelist and its group's, by name; a host's own listed
+    // by its group too is there once.
+    let own = whitelist_version("host:p1", 1, &"04".repeat(32), false);
+    assert_eq!(
+        s.apply_policy_change(&put(own.clone(), None), &[], &[], &policy_event(71))
+            .await
+            .unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert_eq!(
+        s.host_policy("p1").await.unwrap().whitelists,
+        vec![v2.clone(), own.clone()]
+    );
+    let both = Group {
+        whitelists: vec!["fleet".into(), "host:p1".into()],
+        ..s.group("edge").await.unwrap().unwrap()
+    };
+    let version = both.version;
+    let both = Group {
+        version: version + 1,
+        ..both
+    };
+    assert_eq!(
+        s.apply_policy_change(
+            &PolicyChange::PutGroup {
+                group: both,
+                expected_version: Some(version),
+            },
+            &[],
+            &[],
+            &policy_event(72)
+        )
+        .await
+        .unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert_eq!(
+        s.host_policy("p1").await.unwrap().whitelists,
+        vec![v2.clone(), own]
+    );
+    assert!(s.host_policy("p2").await.unwrap().whitelists.is_empty());
 
     // Deleting a whitelist a group uses, or a group with hosts, is refused.
     let delete = whitelist_version("fleet", 3, &"00".repeat(32), true);
@@ -282,7 +323,7 @@ async fn policy_suite(s: Arc<dyn Store>) {
         .collect();
     assert_eq!(
         bodies,
-        [1, 3, 5, 7, 10, 11, 12].map(|n| format!("{{\"policy\":{n}}}"))
+        [1, 3, 5, 7, 71, 72, 10, 11, 12].map(|n| format!("{{\"policy\":{n}}}"))
     );
 }
 

@@ -6,9 +6,13 @@
 #               again on the same database (SQLite by default,
 #               BACKEND=postgres for PostgreSQL)
 #   pg-restart  the PostgreSQL cluster is stopped for DOWN_SECS and started
-#               again (needs root and pg_ctlcluster; BACKEND is postgres);
-#               the server must answer 503 storage_unavailable meanwhile and
-#               recover by itself
+#               again (BACKEND is postgres); the server must answer 503
+#               storage_unavailable meanwhile and recover by itself. The
+#               cluster is the script's own (initdb in its work directory,
+#               port PG_PORT), so stopping it disturbs no other user of the
+#               machine's PostgreSQL; needs PostgreSQL's server binaries
+#               (PG_BIN, default the newest /usr/lib/postgresql/*/bin), and
+#               runs them as the user postgres when run as root
 #
 # The fleet keeps going (it retries). Afterwards every attestation the fleet
 # saw acknowledged (an HTTP 200 verdict) must be in the database as a CADF
@@ -25,7 +29,6 @@ case "$FAULT" in
     pg-restart) BACKEND=postgres ;;
     *) echo "unknown fault $FAULT (kill9, pg-restart)" >&2; exit 2 ;;
 esac
-PG_CLUSTER=${PG_CLUSTER:-15 main}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=$(cd "${BIN:-$ROOT/target/release}" && pwd)
 HOSTS=${HOSTS:-300}
@@ -34,18 +37,41 @@ KILL_AFTER=${KILL_AFTER:-8}
 DOWN_SECS=${DOWN_SECS:-2}
 BACKEND=${BACKEND:-sqlite}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
+PG_PORT=${PG_PORT:-25433}
 PORT=${PORT:-18977}
 export RUST_LOG=${RUST_LOG:-warn}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/attest-fault.XXXXXX")
 SERVER_PID=""
 DB=""
+PGDATA_DIR=""
+# PostgreSQL's server refuses to run as root.
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+own_pg() { # pg_ctl start|stop on the script's own cluster
+    as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$WORK/pg/log" -w -m fast \
+        -o "-p $PG_PORT -k $WORK/pg -c listen_addresses=127.0.0.1" "$1" > /dev/null
+}
 cleanup() {
     if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
     [ -n "$DB" ] && psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
+    [ -n "$PGDATA_DIR" ] && own_pg stop 2>/dev/null || true
     # KEEP=1 keeps the pool directory (server.log, the database) for a look.
     if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
 }
 trap cleanup EXIT
+
+if [ "$FAULT" = pg-restart ]; then
+    PG_BIN=${PG_BIN:-$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -1)}
+    if [ ! -x "${PG_BIN:-}/initdb" ]; then
+        echo "pg-restart needs PostgreSQL's server binaries (initdb, pg_ctl); set PG_BIN" >&2
+        exit 2
+    fi
+    mkdir -p "$WORK/pg"
+    if [ "$(id -u)" = 0 ]; then chmod 755 "$WORK"; chown postgres "$WORK/pg"; fi
+    as_postgres "$PG_BIN/initdb" -D "$WORK/pg/data" -U postgres --auth=trust -E UTF8 > /dev/null
+    PGDATA_DIR=$WORK/pg/data
+    own_pg start
+    PG=postgres://postgres@127.0.0.1:$PG_PORT
+fi
 
 dir=$WORK/pool
 "$BIN/attestctl" init --out "$dir" --server-port "$PORT" --host placeholder --interval 1 > /dev/null
@@ -98,11 +124,9 @@ if [ "$FAULT" = kill9 ]; then
     sleep "$DOWN_SECS"
     start_server
 else
-    # shellcheck disable=SC2086
-    pg_ctlcluster $PG_CLUSTER stop -m fast
+    own_pg stop
     sleep "$DOWN_SECS"
-    # shellcheck disable=SC2086
-    pg_ctlcluster $PG_CLUSTER start
+    own_pg start
     for _ in $(seq 1 100); do
         curl -ksf "https://127.0.0.1:$PORT/readyz" > /dev/null 2>&1 && break
         sleep 0.1

@@ -1268,10 +1268,17 @@ macro_rules! sql_store {
                 // Large bodies are not read here (octet_length reads no
                 // content): they come parsed from the cache, or once from
                 // their immutable version row.
+                // Two index lookups, not one `name = $1 OR name IN (...)`:
+                // PostgreSQL plans that as a scan of every whitelist, which
+                // at 100,000 hosts (each with its own) is the pool's slowest
+                // query.
                 let rows = sqlx::query(
                     "SELECT name, version, deleted, created_at, created_by, \
-                     CASE WHEN octet_length(body) < $3 THEN body END AS body FROM whitelist_heads WHERE NOT deleted AND \
-                     (name = $1 OR name IN (SELECT gw.whitelist FROM group_whitelists gw JOIN hosts h ON gw.group_name = h.group_name WHERE h.name = $2)) \
+                     CASE WHEN octet_length(body) < $3 THEN body END AS body FROM whitelist_heads WHERE NOT deleted AND name = $1 \
+                     UNION ALL SELECT w.name, w.version, w.deleted, w.created_at, w.created_by, \
+                     CASE WHEN octet_length(w.body) < $3 THEN w.body END AS body FROM hosts h \
+                     JOIN group_whitelists gw ON gw.group_name = h.group_name JOIN whitelist_heads w ON w.name = gw.whitelist \
+                     WHERE h.name = $2 AND NOT w.deleted AND w.name <> $1 \
                      ORDER BY name",
                 )
                 .bind($crate::store::own_whitelist(host))
