@@ -50,6 +50,7 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
         c.ek_ca = tpm.local_ca_certs();
         c.database_url = Secret(pg);
         c.name = "server-a".into();
+        c.audit.trust_scan_secs = 1;
     })
     .await?;
     // Server B: the same pool (CA, certificates), its own listener, name and
@@ -58,6 +59,7 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
     config_b.ek_ca = tpm.local_ca_certs();
     config_b.database_url = Secret(url.clone());
     config_b.name = "server-b".into();
+    config_b.audit.trust_scan_secs = 1;
     config_b.audit_file = Some(pool.path("audit-b.jsonl"));
     config_b.audit.file = None;
     let listener_b = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -163,8 +165,30 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
     let refused = only_a.decide(&candidates, Trust::Trusted).await;
     assert!(refused.iter().all(|d| !d.allowed), "{refused:?}");
 
+    // Both servers' trust scanners watched node1; B's (A is gone) reports
+    // it trusted within a scan or two.
+    let node1_changes = |events: &[attestation_server::store::StoredEvent]| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| attestation_server::audit::kind_of(&e.body) == "trust_change")
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.body).ok())
+            .filter(|e| e["target"]["name"] == "node1")
+            .filter_map(|e| e["reason"]["reasonCode"].as_str().map(String::from))
+            .collect()
+    };
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = state_b.store.stored_events_after(0, 100_000).await?;
+        if node1_changes(&events)
+            .iter()
+            .any(|c| c.ends_with("_to_trusted"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Both servers' events are in the one database, each chain intact.
-    let events = state_b.store.stored_events_after(0, 100_000).await?;
     let observers: std::collections::BTreeSet<&str> =
         events.iter().map(|e| e.server.as_str()).collect();
     assert!(
@@ -185,6 +209,27 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
             );
             assert_eq!(pair[1].chain_index, pair[0].chain_index + 1);
         }
+    }
+    // Each trust change was reported once, so the changes, in database
+    // order, follow on from each other.
+    let changes = node1_changes(&events);
+    assert!(
+        changes
+            .first()
+            .is_some_and(|c| c.starts_with("unknown_to_")),
+        "{changes:?}"
+    );
+    assert!(
+        changes.iter().any(|c| c.ends_with("_to_trusted")),
+        "{changes:?}"
+    );
+    for pair in changes.windows(2) {
+        let (_, to) = pair[0].split_once("_to_").unwrap_or_default();
+        let (from, _) = pair[1].split_once("_to_").unwrap_or_default();
+        assert_eq!(
+            from, to,
+            "trust changes reported twice or out of order: {changes:?}"
+        );
     }
 
     let _ = stop_agent.send(());
