@@ -14,6 +14,29 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// A host agent running in this process until [`Agent::stop`].
+pub struct Agent {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), host_agent::Error>>,
+}
+
+impl Agent {
+    pub fn spawn(config: host_agent::AgentConfig) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(host_agent::run(config, async {
+            let _ = stopped.await;
+        }));
+        Agent { stop, task }
+    }
+
+    /// Stop it; an error it ended with is the test's.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+}
+
 pub struct Pool {
     pub dir: tempfile::TempDir,
     pub url: String,
@@ -86,6 +109,11 @@ impl Pool {
     }
 
     /// The agent configuration `attestctl init` wrote, pointed at this server.
+    /// Start the agent of `host` with its default configuration.
+    pub fn spawn_agent(&self, host: &str) -> Result<Agent> {
+        Ok(Agent::spawn(self.agent_config(host)?))
+    }
+
     pub fn agent_config(&self, host: &str) -> Result<host_agent::AgentConfig> {
         let mut c = host_agent::config::load(Some(&self.path(&format!("agent-{host}.toml"))))?;
         c.server_url = self.url.clone();

@@ -56,10 +56,7 @@ async fn a_real_host_leaves_a_complete_cadf_trail() -> anyhow::Result<()> {
         c.audit.trust_scan_secs = 1;
     })
     .await?;
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
-        let _ = agent_stopped.await;
-    }));
+    let agent = pool.spawn_agent("node1")?;
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
     let admin = pool.client("admin")?;
@@ -82,8 +79,7 @@ async fn a_real_host_leaves_a_complete_cadf_trail() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some("host_mismatch"));
-    let _ = stop_agent.send(());
-    agent.await??;
+    agent.stop().await?;
 
     // The scanner reported trusted -> untrusted.
     let events = wait_for_reason(&pool, |code| code == "trusted_to_untrusted").await?;

@@ -12,7 +12,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use e2e_tests::Pool;
+use e2e_tests::{Agent, Pool};
 use proto::bootpolicy::BootPolicy;
 use proto::eventlog::{self, EV_EFI_BOOT_SERVICES_APPLICATION, EV_NO_ACTION};
 use proto::ima::{self, ImaEntry, Template};
@@ -33,22 +33,12 @@ fn fixture(path: &str) -> PathBuf {
         .join(path)
 }
 
-/// A running agent: its stop signal and task.
-type RunningAgent = (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), host_agent::Error>>,
-);
-
 /// Start the agent of `host` with its log paths pointed at test files.
-fn spawn_agent(pool: &Pool, host: &str, uefi: &Path, ima: &Path) -> anyhow::Result<RunningAgent> {
+fn spawn_agent(pool: &Pool, host: &str, uefi: &Path, ima: &Path) -> anyhow::Result<Agent> {
     let mut config = pool.agent_config(host)?;
     config.uefi_log_path = uefi.to_path_buf();
     config.ima_log_path = ima.to_path_buf();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(host_agent::run(config, async {
-        let _ = stopped.await;
-    }));
-    Ok((stop, task))
+    Ok(Agent::spawn(config))
 }
 
 /// A verdict made after `after` (a later attestation).
@@ -111,7 +101,7 @@ async fn altered_uefi_log_is_untrusted_naming_pcr_and_event() -> anyhow::Result<
     let uefi_path = pool.path("binary_bios_measurements");
     std::fs::write(&uefi_path, &bytes)?;
     let ima_path = pool.path("no-ima");
-    let (stop, agent) = spawn_agent(&pool, "node1", &uefi_path, &ima_path)?;
+    let agent = spawn_agent(&pool, "node1", &uefi_path, &ima_path)?;
     let first = pool
         .wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
@@ -237,8 +227,7 @@ async fn altered_uefi_log_is_untrusted_naming_pcr_and_event() -> anyhow::Result<
     .await?;
     assert_eq!(missing.reasons[0].code, "eventlog_missing", "{missing:?}");
 
-    let _ = stop.send(());
-    agent.await??;
+    agent.stop().await?;
     pool.stop().await;
     drop(tpm);
     Ok(())
@@ -280,7 +269,7 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
     .await?;
     let ima_path = pool.path("ascii_runtime_measurements");
     std::fs::write(&ima_path, ima::encode_ascii(&entries))?;
-    let (stop, agent) = spawn_agent(&pool, "node1", &pool.path("no-uefi"), &ima_path)?;
+    let agent = spawn_agent(&pool, "node1", &pool.path("no-uefi"), &ima_path)?;
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
 
@@ -384,8 +373,7 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
     assert_eq!(reason.pcr.as_ref().map(|p| p.index), Some(10));
     assert!(reason.message.contains("entries 5-5"), "{reason:?}");
 
-    let _ = stop.send(());
-    agent.await??;
+    agent.stop().await?;
     pool.stop().await;
     drop(tpm);
     Ok(())
@@ -422,7 +410,7 @@ async fn a_long_list_is_verified_on_every_core_with_its_bad_entry_named() -> any
     .await?;
     let ima_path = pool.path("ascii_runtime_measurements");
     std::fs::write(&ima_path, &text)?;
-    let (stop, agent) = spawn_agent(&pool, "node1", &pool.path("no-uefi"), &ima_path)?;
+    let agent = spawn_agent(&pool, "node1", &pool.path("no-uefi"), &ima_path)?;
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
 
@@ -464,8 +452,7 @@ async fn a_long_list_is_verified_on_every_core_with_its_bad_entry_named() -> any
         )
     );
 
-    let _ = stop.send(());
-    agent.await??;
+    agent.stop().await?;
     pool.stop().await;
     Ok(())
 }

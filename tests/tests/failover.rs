@@ -12,7 +12,7 @@
 
 use attestation_server::config::{Secret, ServerConfig};
 use attestation_server::AppState;
-use e2e_tests::Pool;
+use e2e_tests::{Agent, Pool};
 use proto::client::ApiClient;
 use proto::wire::{HostTrust, Trust};
 use sqlx::Connection;
@@ -77,10 +77,7 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
 
     let mut agent_config = pool.agent_config("node1")?;
     agent_config.server_url = format!("{},{}", pool.url, url_b);
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(agent_config, async {
-        let _ = agent_stopped.await;
-    }));
+    let agent = Agent::spawn(agent_config);
 
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
@@ -232,8 +229,7 @@ async fn agent_fails_over_between_servers_sharing_postgresql() -> anyhow::Result
         );
     }
 
-    let _ = stop_agent.send(());
-    agent.await??;
+    agent.stop().await?;
     let _ = stop_b.send(());
     server_b.await??;
     drop(state_b);

@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use e2e_tests::Pool;
+use e2e_tests::{Agent, Pool};
 use proto::client::ClientError;
 use proto::wire::HostDetail;
 use sqlx::{Connection, Executor};
@@ -249,10 +249,7 @@ async fn a_partitioned_host_turns_unknown_and_recovers_by_itself() -> anyhow::Re
     let mut config = pool.agent_config("node1")?;
     config.server_url = format!("https://127.0.0.1:{}", link.port);
     config.backoff_max_secs = 2;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(config, async {
-        let _ = stopped.await;
-    }));
+    let agent = Agent::spawn(config);
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
     let _: serde_json::Value = pool
@@ -284,8 +281,7 @@ async fn a_partitioned_host_turns_unknown_and_recovers_by_itself() -> anyhow::Re
         })
         .await?;
     assert!(back.reasons.is_empty());
-    let _ = stop.send(());
-    agent.await??;
+    agent.stop().await?;
     pool.stop().await;
     Ok(())
 }
@@ -303,10 +299,7 @@ async fn a_tpm_clock_jumping_forward_is_not_a_replay() -> anyhow::Result<()> {
         c.ek_ca = tpm.local_ca_certs();
     })
     .await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
-        let _ = stopped.await;
-    }));
+    let agent = pool.spawn_agent("node1")?;
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
     let _: serde_json::Value = pool
@@ -348,8 +341,7 @@ async fn a_tpm_clock_jumping_forward_is_not_a_replay() -> anyhow::Result<()> {
         !events.iter().any(|e| e["action"] == "monitor"),
         "a clock jump is not a reboot"
     );
-    let _ = stop.send(());
-    agent.await??;
+    agent.stop().await?;
     pool.stop().await;
     Ok(())
 }

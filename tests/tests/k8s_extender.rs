@@ -165,10 +165,7 @@ async fn recorded_requests_push_on_tamper_and_placement_audit() -> anyhow::Resul
         c.freshness_secs = 120;
     })
     .await?;
-    let (stop_agent, agent_stopped) = oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
-        let _ = agent_stopped.await;
-    }));
+    let agent = pool.spawn_agent("node1")?;
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
     let admin = pool.client("admin")?;
@@ -308,8 +305,7 @@ async fn recorded_requests_push_on_tamper_and_placement_audit() -> anyhow::Resul
         "{answer}"
     );
 
-    let _ = stop_agent.send(());
-    agent.await??;
+    agent.stop().await?;
     ext.stop().await;
     pool.stop_and_dump_cadf("k8s-1").await?;
     Ok(())

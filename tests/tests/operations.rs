@@ -76,10 +76,7 @@ async fn probes_are_open_and_metrics_count_attestations() -> anyhow::Result<()> 
         );
     }
 
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
-        let _ = agent_stopped.await;
-    }));
+    let agent = pool.spawn_agent("node1")?;
     // No whitelist yet: the first genuine quote is judged untrusted.
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
@@ -111,8 +108,7 @@ async fn probes_are_open_and_metrics_count_attestations() -> anyhow::Result<()> 
         .await?;
     pool.wait_for("node1", "trusted", |t| t.trust == Trust::Trusted)
         .await?;
-    let _ = stop_agent.send(());
-    agent.await??;
+    agent.stop().await?;
 
     let (status, text) = get(&pool.http("admin")?, format!("{}/metrics", pool.url)).await?;
     assert_eq!(status, 200, "{text}");

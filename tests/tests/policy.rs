@@ -58,11 +58,7 @@ async fn rolling_firmware_upgrade_with_versioned_whitelists() -> anyhow::Result<
     .await?;
     let mut agents = Vec::new();
     for host in ["node1", "node2"] {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(host_agent::run(pool.agent_config(host)?, async {
-            let _ = stopped.await;
-        }));
-        agents.push((stop, task));
+        agents.push(pool.spawn_agent(host)?);
     }
     for host in ["node1", "node2"] {
         let first = pool
@@ -385,9 +381,8 @@ async fn rolling_firmware_upgrade_with_versioned_whitelists() -> anyhow::Result<
         .iter()
         .any(|e| e["target"]["name"] == "whitelist fleet@3" && e["outcome"] == "success"));
 
-    for (stop, task) in agents {
-        let _ = stop.send(());
-        task.await??;
+    for agent in agents {
+        agent.stop().await?;
     }
     pool.stop_and_dump_cadf("policy").await?;
     Ok(())

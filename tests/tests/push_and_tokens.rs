@@ -440,10 +440,7 @@ async fn tamper_on_swtpm_is_pushed_and_bad_subscribers_do_not_slow_attestation(
         subscribe(&pool, &format!("https://127.0.0.1:{port}/hook"), None).await?;
     }
 
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
-        let _ = agent_stopped.await;
-    }));
+    let agent = pool.spawn_agent("node1")?;
     pool.wait_for("node1", "a first verdict", |t| t.verified_at.is_some())
         .await?;
     let accepted: proto::wire::HostDetail = pool
@@ -519,8 +516,7 @@ async fn tamper_on_swtpm_is_pushed_and_bad_subscribers_do_not_slow_attestation(
     let max = attestation_server::push::MAX_ATTEMPTS as usize;
     assert!(attempts.values().all(|n| *n == max), "{attempts:?}");
 
-    let _ = stop_agent.send(());
-    agent.await??;
+    agent.stop().await?;
     drop(black_hole);
     pool.stop_and_dump_cadf("push-2").await?;
     Ok(())

@@ -16,10 +16,7 @@ async fn host_is_trusted_then_untrusted_after_a_tamper() -> anyhow::Result<()> {
         c.ek_ca = tpm.local_ca_certs()
     })
     .await?;
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(host_agent::run(pool.agent_config("node1")?, async {
-        let _ = agent_stopped.await;
-    }));
+    let agent = pool.spawn_agent("node1")?;
 
     // No whitelist yet: genuine evidence, but never trusted by default.
     let first = pool
@@ -76,8 +73,7 @@ async fn host_is_trusted_then_untrusted_after_a_tamper() -> anyhow::Result<()> {
     assert_eq!(answer.hosts[0].trust, Trust::Untrusted);
     assert_eq!(answer.hosts[1].trust, Trust::Unknown);
 
-    let _ = stop_agent.send(());
-    agent.await??;
+    agent.stop().await?;
 
     // The audit file holds a success event and, after the tamper, a failure
     // naming the whitelist step, with the measured PCR 7 value.
