@@ -160,7 +160,7 @@ async fn trust_scan(s: &Arc<dyn Store>) {
         before: before.map(String::from),
         state: state.into(),
     };
-    let found = s.trust_changes(now, 100).await.unwrap();
+    let found = s.trust_changes(now, "", 100).await.unwrap();
     assert_eq!(
         found,
         vec![
@@ -169,7 +169,9 @@ async fn trust_scan(s: &Arc<dyn Store>) {
             change("t3", None, "stale"),
         ]
     );
-    assert_eq!(s.trust_changes(now, 2).await.unwrap(), found[..2]);
+    assert_eq!(s.trust_changes(now, "", 2).await.unwrap(), found[..2]);
+    assert_eq!(s.trust_changes(now, "t1", 2).await.unwrap(), found[1..]);
+    assert!(s.trust_changes(now, "t3", 2).await.unwrap().is_empty());
 
     let with_events = |changes: &[TrustChange], at| -> Vec<(TrustChange, store::NewEvent)> {
         changes
@@ -197,14 +199,14 @@ async fn trust_scan(s: &Arc<dyn Store>) {
         ),
         ("trusted", "untrusted", "stale")
     );
-    assert!(s.trust_changes(now, 100).await.unwrap().is_empty());
+    assert!(s.trust_changes(now, "", 100).await.unwrap().is_empty());
     // The same changes again (a second server's scan, late): nothing.
     assert!(s.record_trust_changes(&batch).await.unwrap().is_empty());
     assert_eq!(events_of_c(s.clone()).await, 3);
 
     // Eleven minutes on, t1 and t2 lapse; two scans race to report it.
     let later = now + Duration::minutes(11);
-    let found = s.trust_changes(later, 100).await.unwrap();
+    let found = s.trust_changes(later, "", 100).await.unwrap();
     assert_eq!(
         found,
         vec![
@@ -226,7 +228,7 @@ async fn trust_scan(s: &Arc<dyn Store>) {
     all.sort();
     assert_eq!(all, vec!["t1", "t2"], "each change recorded once");
     assert_eq!(events_of_c(s.clone()).await, 5);
-    assert!(s.trust_changes(later, 100).await.unwrap().is_empty());
+    assert!(s.trust_changes(later, "", 100).await.unwrap().is_empty());
     assert!(s.record_trust_changes(&[]).await.unwrap().is_empty());
 }
 

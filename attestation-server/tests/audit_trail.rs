@@ -482,6 +482,66 @@ fn admin_http(dir: &Path) -> reqwest::Client {
         .unwrap()
 }
 
+/// A scan of a pool with more changes than one page (1,000) reports each
+/// host's change once, across pages, and a scan after it finds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_scan_pages_through_every_change_once() {
+    let dir = pool();
+    let d = dir.path();
+    // The background scanner runs at start, then not for an hour.
+    let s = Server::start(d, |c| c.audit.trust_scan_secs = 3600).await;
+    const HOSTS: usize = 2_100;
+    let hosts: Vec<String> = (0..HOSTS).map(|i| format!("p{i:05}")).collect();
+    let writers: Vec<_> = hosts
+        .chunks(HOSTS / 4 + 1)
+        .map(|chunk| {
+            let (state, chunk) = (s.state.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                for h in chunk {
+                    state.store.register_host(&h, Utc::now()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        attest(&s, h, i % 3 != 0, chrono::Duration::seconds(600)).await;
+    }
+    // One scan goes through every page; the next finds nothing left.
+    let recorded = audit::tasks::scan_trust(&s.state).await.unwrap();
+    assert_eq!(audit::tasks::scan_trust(&s.state).await.unwrap(), 0);
+    let mut per_host: HashMap<String, Vec<String>> = HashMap::new();
+    for e in s.stored().await {
+        if audit::kind_of(&e.body) == "trust_change" {
+            let j = json(&e);
+            per_host
+                .entry(j["target"]["name"].as_str().unwrap_or_default().to_string())
+                .or_default()
+                .push(
+                    j["reason"]["reasonCode"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+        }
+    }
+    // The background scan at start may have reported some hosts; together
+    // every host is reported exactly once, with its state.
+    assert!(recorded <= HOSTS && recorded > 0, "{recorded}");
+    assert_eq!(per_host.len(), HOSTS);
+    for (i, h) in hosts.iter().enumerate() {
+        let want = if i % 3 != 0 {
+            "unknown_to_trusted"
+        } else {
+            "unknown_to_untrusted"
+        };
+        assert_eq!(per_host[h], vec![want.to_string()], "{h}");
+    }
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_verify_names_the_event_altered_removed_or_reordered() {
     let dir = pool();

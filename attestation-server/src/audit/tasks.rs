@@ -140,11 +140,16 @@ const CHANGES_PER_TRANSACTION: i64 = 1000;
 pub async fn scan_trust(state: &AppState) -> Result<usize, Error> {
     let now = Utc::now();
     let mut recorded = 0;
+    // Pages by host name: each page's query starts where the last ended.
+    let mut after = String::new();
     loop {
         let found = state
             .store
-            .trust_changes(now, CHANGES_PER_TRANSACTION)
+            .trust_changes(now, &after, CHANGES_PER_TRANSACTION)
             .await?;
+        if let Some(last) = found.last() {
+            after.clone_from(&last.host);
+        }
         let changes: Vec<_> = found
             .into_iter()
             .map(|c| {
@@ -176,9 +181,7 @@ pub async fn scan_trust(state: &AppState) -> Result<usize, Error> {
         if !done.is_empty() {
             state.audit_wake.notify_one();
         }
-        // A short page was the last; a page recording nothing (another
-        // server recorded the same changes) would be found again.
-        if (changes.len() as i64) < CHANGES_PER_TRANSACTION || done.is_empty() {
+        if (changes.len() as i64) < CHANGES_PER_TRANSACTION {
             return Ok(recorded);
         }
     }

@@ -497,13 +497,15 @@ pub trait Store: Send + Sync + 'static {
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError>;
     /// The trust state last reported per host by the trust scanner.
     async fn trust_states(&self) -> Result<HashMap<String, String>, StoreError>;
-    /// Up to `limit` hosts (by name) whose trust state at `now` (see
-    /// [`crate::audit::trust_state`]) differs from the one last reported.
-    /// The database compares: a pool whose states did not change costs one
-    /// join in the database, not every verdict sent to the server.
+    /// Up to `limit` hosts named after `after`, by name, whose trust state
+    /// at `now` (see [`crate::audit::trust_state`]) differs from the one
+    /// last reported. The database compares: a pool whose states did not
+    /// change costs one join in the database, not every verdict sent to
+    /// the server.
     async fn trust_changes(
         &self,
         now: DateTime<Utc>,
+        after: &str,
         limit: i64,
     ) -> Result<Vec<TrustChange>, StoreError>;
     /// Remember the reported trust states of `changes`, each with the event
@@ -1704,6 +1706,7 @@ macro_rules! sql_store {
             async fn trust_changes(
                 &self,
                 now: chrono::DateTime<chrono::Utc>,
+                after: &str,
                 limit: i64,
             ) -> Result<Vec<$crate::store::TrustChange>, $crate::store::StoreError> {
                 use sqlx::Row;
@@ -1712,10 +1715,11 @@ macro_rules! sql_store {
                     "SELECT host, reported, state FROM (\
                        SELECT v.host AS host, s.state AS reported, \
                          CASE WHEN v.expires_at > $1 THEN v.trust ELSE 'stale' END AS state \
-                       FROM verdicts v LEFT JOIN audit_trust_state s ON s.host = v.host) AS t \
-                     WHERE reported IS NULL OR reported <> state ORDER BY host LIMIT $2",
+                       FROM verdicts v LEFT JOIN audit_trust_state s ON s.host = v.host WHERE v.host > $2) AS t \
+                     WHERE reported IS NULL OR reported <> state ORDER BY host LIMIT $3",
                 )
                 .bind($crate::store::micros(now))
+                .bind(after)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?;
