@@ -145,14 +145,7 @@ async fn trust_scan(s: &Arc<dyn Store>) {
             reasons: vec![],
             policy: None,
         };
-        let rec = AttestationRecord {
-            verdict: &v,
-            verified_pcrs: None,
-            clock: None,
-            events: &[],
-            policy_epoch: None,
-            nonce: None,
-        };
+        let rec = AttestationRecord::verdict_only(&v);
         s.record_attestation(host, rec).await.unwrap();
     }
     let change = |host: &str, before: Option<&str>, state: &str| TrustChange {

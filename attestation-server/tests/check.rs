@@ -64,14 +64,7 @@ async fn store_verdict(state: &AppState, host: &str, trust: Trust) {
         reasons: vec![],
         policy: None,
     };
-    let rec = AttestationRecord {
-        verdict: &v,
-        verified_pcrs: None,
-        clock: None,
-        events: &[],
-        policy_epoch: None,
-        nonce: None,
-    };
+    let rec = AttestationRecord::verdict_only(&v);
     state.store.record_attestation(host, rec).await.unwrap();
 }
 

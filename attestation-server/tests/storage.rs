@@ -787,14 +787,7 @@ async fn suite(s: Arc<dyn Store>) {
     ] {
         s.register_host(host, at).await.unwrap();
         let v = verdict(host, trust, expires_at);
-        let rec = AttestationRecord {
-            verdict: &v,
-            verified_pcrs: None,
-            clock: None,
-            events: &[],
-            policy_epoch: None,
-            nonce: None,
-        };
+        let rec = AttestationRecord::verdict_only(&v);
         s.record_attestation(host, rec).await.unwrap();
     }
     s.register_host("tc-never-attested", at).await.unwrap();

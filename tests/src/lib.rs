@@ -273,14 +273,7 @@ impl Pool {
             reasons: Vec::new(),
             policy: None,
         };
-        let rec = attestation_server::store::AttestationRecord {
-            verdict: &verdict,
-            verified_pcrs: None,
-            clock: None,
-            events: &[],
-            policy_epoch: None,
-            nonce: None,
-        };
+        let rec = attestation_server::store::AttestationRecord::verdict_only(&verdict);
         store.record_attestation(host, rec).await?;
         Ok(verdict)
     }

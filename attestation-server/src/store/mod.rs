@@ -189,6 +189,21 @@ pub struct AttestationRecord<'a> {
     pub nonce: Option<&'a UsedNonce>,
 }
 
+impl<'a> AttestationRecord<'a> {
+    /// A verdict alone: no PCR values, clock, events, epoch check or nonce
+    /// (an operator's import, a test's fixture).
+    pub fn verdict_only(verdict: &'a HostTrust) -> Self {
+        AttestationRecord {
+            verdict,
+            verified_pcrs: None,
+            clock: None,
+            events: &[],
+            policy_epoch: None,
+            nonce: None,
+        }
+    }
+}
+
 /// The event-log state to store with a genuine attestation (same
 /// transaction); `None` fields leave the stored value as it is.
 #[derive(Debug, Clone, Copy, Default)]
