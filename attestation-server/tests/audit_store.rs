@@ -222,6 +222,19 @@ async fn trust_scan(s: &Arc<dyn Store>) {
     assert_eq!(all, vec!["t1", "t2"], "each change recorded once");
     assert_eq!(events_of_c(s.clone()).await, 5);
     assert!(s.trust_changes(later, "", 100).await.unwrap().is_empty());
+    // A scan that read t1 as trusted, recording after another server moved
+    // it on (trusted -> stale, above): nothing, the newer state stays.
+    let late = with_events(&[change("t1", Some("trusted"), "untrusted")], later);
+    assert!(s.record_trust_changes(&late).await.unwrap().is_empty());
+    // Nor a host another server reported first, as new.
+    let late = with_events(&[change("t2", None, "trusted")], later);
+    assert!(s.record_trust_changes(&late).await.unwrap().is_empty());
+    let states = s.trust_states().await.unwrap();
+    assert_eq!(
+        (states["t1"].as_str(), states["t2"].as_str()),
+        ("stale", "stale")
+    );
+    assert_eq!(events_of_c(s.clone()).await, 5);
     assert!(s.record_trust_changes(&[]).await.unwrap().is_empty());
 }
 

@@ -108,12 +108,12 @@ impl Pool {
         )?)
     }
 
-    /// The agent configuration `attestctl init` wrote, pointed at this server.
     /// Start the agent of `host` with its default configuration.
     pub fn spawn_agent(&self, host: &str) -> Result<Agent> {
         Ok(Agent::spawn(self.agent_config(host)?))
     }
 
+    /// The agent configuration `attestctl init` wrote, pointed at this server.
     pub fn agent_config(&self, host: &str) -> Result<host_agent::AgentConfig> {
         let mut c = host_agent::config::load(Some(&self.path(&format!("agent-{host}.toml"))))?;
         c.server_url = self.url.clone();

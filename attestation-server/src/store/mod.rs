@@ -524,9 +524,10 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<TrustChange>, StoreError>;
     /// Remember the reported trust states of `changes`, each with the event
-    /// reporting it, in one transaction. A change whose host already has
-    /// that state (another server reported it first) is skipped with its
-    /// event. Returns the hosts recorded.
+    /// reporting it, in one transaction. A change is recorded only if the
+    /// host's reported state is still its `before` (compare and set: a
+    /// state another server recorded in between wins, and the change is
+    /// skipped with its event). Returns the hosts recorded.
     async fn record_trust_changes(
         &self,
         changes: &[(TrustChange, NewEvent)],
@@ -1759,17 +1760,34 @@ macro_rules! sql_store {
                 }
                 let _gate = self.gate.lock().await;
                 let mut tx = self.pool.begin().await?;
-                // Compare and set: a state another server recorded first is
-                // not reported twice.
+                // Compare and set against the state the scan read: if another
+                // server recorded anything for the host since, this change
+                // is not recorded (that server reported it, or its own scan
+                // will report what follows from what it recorded).
                 let mut recorded = std::collections::HashSet::new();
-                for chunk in changes.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
+                let (new, known): (Vec<_>, Vec<_>) = changes.iter().partition(|(c, _)| c.before.is_none());
+                for chunk in new.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
                     let mut qb = sqlx::QueryBuilder::<$db>::new("INSERT INTO audit_trust_state (host, state) ");
                     qb.push_values(chunk, |mut row, (c, _)| {
                         row.push_bind(c.host.as_str()).push_bind(c.state.as_str());
                     });
+                    qb.push(" ON CONFLICT (host) DO NOTHING RETURNING host");
+                    for row in qb.build().persistent(false).fetch_all(&mut *tx).await? {
+                        recorded.insert(row.try_get::<String, _>("host")?);
+                    }
+                }
+                for chunk in known.chunks($crate::store::writer::ROWS_PER_STATEMENT) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "UPDATE audit_trust_state SET state = v.column3 FROM (",
+                    );
+                    qb.push_values(chunk, |mut row, (c, _)| {
+                        row.push_bind(c.host.as_str())
+                            .push_bind(c.before.as_deref().unwrap_or_default())
+                            .push_bind(c.state.as_str());
+                    });
                     qb.push(
-                        " ON CONFLICT (host) DO UPDATE SET state = excluded.state \
-                         WHERE audit_trust_state.state <> excluded.state RETURNING host",
+                        ") AS v WHERE audit_trust_state.host = v.column1 AND audit_trust_state.state = v.column2 \
+                         RETURNING audit_trust_state.host",
                     );
                     for row in qb.build().persistent(false).fetch_all(&mut *tx).await? {
                         recorded.insert(row.try_get::<String, _>("host")?);
