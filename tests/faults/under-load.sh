@@ -8,8 +8,8 @@
 #   pg-restart  the PostgreSQL cluster is stopped for DOWN_SECS and started
 #               again (BACKEND is postgres); the server must answer 503
 #               storage_unavailable meanwhile and recover by itself. The
-#               cluster is the script's own (initdb in its work directory,
-#               port PG_PORT), so stopping it disturbs no other user of the
+#               cluster is the script's own (initdb in a directory of its
+#               own, a free port or PG_PORT), so stopping it disturbs no other user of the
 #               machine's PostgreSQL; needs PostgreSQL's server binaries
 #               (PG_BIN, default the newest /usr/lib/postgresql/*/bin), and
 #               runs them as the user postgres when run as root
@@ -37,27 +37,30 @@ KILL_AFTER=${KILL_AFTER:-8}
 DOWN_SECS=${DOWN_SECS:-2}
 BACKEND=${BACKEND:-sqlite}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
-PG_PORT=${PG_PORT:-25433}
 PORT=${PORT:-18977}
 export RUST_LOG=${RUST_LOG:-warn}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/attest-fault.XXXXXX")
 SERVER_PID=""
+SIM_PID=""
 DB=""
-PGDATA_DIR=""
+PGWORK=""
 # PostgreSQL's server refuses to run as root.
 as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 own_pg() { # pg_ctl start|stop on the script's own cluster
-    as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$WORK/pg/log" -w -m fast \
-        -o "-p $PG_PORT -k $WORK/pg -c listen_addresses=127.0.0.1" "$1" > /dev/null
+    as_postgres "$PG_BIN/pg_ctl" -D "$PGWORK/data" -l "$PGWORK/log" -w -m fast \
+        -o "-p $PG_PORT -k '$PGWORK' -c listen_addresses=127.0.0.1" "$1" > /dev/null
 }
 cleanup() {
+    if [ -n "$SIM_PID" ]; then kill "$SIM_PID" 2>/dev/null || true; fi
     if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
     [ -n "$DB" ] && psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
-    [ -n "$PGDATA_DIR" ] && own_pg stop 2>/dev/null || true
+    if [ -n "$PGWORK" ]; then own_pg stop 2>/dev/null || true; rm -rf "$PGWORK"; fi
     # KEEP=1 keeps the pool directory (server.log, the database) for a look.
     if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
 }
 trap cleanup EXIT
+# A job cancelled (SIGTERM) still stops what the script started.
+trap 'exit 143' TERM INT HUP
 
 if [ "$FAULT" = pg-restart ]; then
     PG_BIN=${PG_BIN:-$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -1)}
@@ -65,10 +68,11 @@ if [ "$FAULT" = pg-restart ]; then
         echo "pg-restart needs PostgreSQL's server binaries (initdb, pg_ctl); set PG_BIN" >&2
         exit 2
     fi
-    mkdir -p "$WORK/pg"
-    if [ "$(id -u)" = 0 ]; then chmod 755 "$WORK"; chown postgres "$WORK/pg"; fi
-    as_postgres "$PG_BIN/initdb" -D "$WORK/pg/data" -U postgres --auth=trust -E UTF8 > /dev/null
-    PGDATA_DIR=$WORK/pg/data
+    # A port nobody listens on now, unless PG_PORT says which.
+    PG_PORT=${PG_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+    PGWORK=$(mktemp -d "${TMPDIR:-/tmp}/attest-fault-pg.XXXXXX")
+    if [ "$(id -u)" = 0 ]; then chown postgres "$PGWORK"; fi
+    as_postgres "$PG_BIN/initdb" -D "$PGWORK/data" -U postgres --auth=trust -E UTF8 > /dev/null
     own_pg start
     PG=postgres://postgres@127.0.0.1:$PG_PORT
 fi
@@ -94,10 +98,11 @@ start_server() {
     echo "server did not become ready" >&2
     return 1
 }
-count_attestations() {
+count_attestations() { # [since, seconds since the epoch]: stored attestations (from then on)
     "$BIN/attestctl" audit export --server-config "$dir/server.toml" --out "$dir/export.jsonl" > /dev/null
-    python3 - "$dir/export.jsonl" <<'PY'
-import json, sys
+    python3 - "$dir/export.jsonl" "${1:-0}" <<'PY'
+import datetime, json, sys
+since = float(sys.argv[2])
 n = 0
 for line in open(sys.argv[1]):
     rec = json.loads(line)
@@ -105,7 +110,8 @@ for line in open(sys.argv[1]):
     if isinstance(body, str):
         body = json.loads(body)
     if body.get("action") == "evaluate" and body.get("outcome") == "success":
-        n += 1
+        at = datetime.datetime.fromisoformat(body["eventTime"]).timestamp()
+        n += at >= since
 print(n)
 PY
 }
@@ -127,26 +133,38 @@ else
     own_pg stop
     sleep "$DOWN_SECS"
     own_pg start
-    for _ in $(seq 1 100); do
-        curl -ksf "https://127.0.0.1:$PORT/readyz" > /dev/null 2>&1 && break
+    ready=""
+    for _ in $(seq 1 300); do
+        curl -ksf "https://127.0.0.1:$PORT/readyz" > /dev/null 2>&1 && { ready=1; break; }
         sleep 0.1
     done
+    if [ -z "$ready" ]; then
+        echo "the server did not become ready again after PostgreSQL came back" >&2
+        exit 1
+    fi
 fi
+ready_at=$(date +%s.%N)
 restarted_in=$(python3 -c "import time; print(round(time.time() - $killed_at, 2))")
-wait "$SIM_PID"
+wait "$SIM_PID"; SIM_PID=""
 
 after=$(count_attestations)
+after_recovery=$(count_attestations "$ready_at")
 verify=$("$BIN/attestctl" audit verify "$dir/export.jsonl" --public-key "$dir/token-signing.key" 2>&1 && echo ok || echo failed)
-python3 - "$dir/run.json" "$before" "$after" "$restarted_in" "$verify" "$BACKEND" "$FAULT" <<'PY'
+python3 - "$dir/run.json" "$before" "$after" "$restarted_in" "$verify" "$BACKEND" "$FAULT" "$after_recovery" <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))
 before, after = int(sys.argv[2]), int(sys.argv[3])
+fault, recovered = sys.argv[7], int(sys.argv[8])
 acked = run["attestations"]
 stored = after - before
-ok = acked > 0 and stored >= acked and sys.argv[5].strip().endswith("ok")
+# Nothing acknowledged lost, the chain intact, attestations stored again
+# after the fault, and (PostgreSQL away) the outage told as 503
+# storage_unavailable, not as some other failure.
+told = fault != "pg-restart" or any("storage_unavailable" in k for k in run["errors"])
+ok = acked > 0 and stored >= acked and recovered > 0 and told and sys.argv[5].strip().endswith("ok")
 print(json.dumps({
-    "fault": sys.argv[7], "backend": sys.argv[6],
-    "acknowledged": acked, "stored_during_run": stored,
+    "fault": fault, "backend": sys.argv[6],
+    "acknowledged": acked, "stored_during_run": stored, "stored_after_recovery": recovered,
     "errors_during_outage": run["errors"], "fault_to_ready_secs": float(sys.argv[4]),
     "chain_verify": sys.argv[5].strip().splitlines()[-1], "lost": max(0, acked - stored), "pass": ok,
 }))
