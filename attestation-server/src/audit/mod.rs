@@ -200,15 +200,6 @@ pub fn client(role: &str, name: &str) -> Resource {
     }
 }
 
-/// A host's trust as the server reports it: `trusted`, `untrusted`, or
-/// `stale` once the verdict expired without new evidence.
-pub fn trust_state(v: &HostTrust, now: DateTime<Utc>) -> &'static str {
-    match v.expires_at {
-        Some(exp) if now < exp => v.trust.as_str(),
-        _ => "stale",
-    }
-}
-
 /// The event of a trust change noticed by the trust scanner.
 pub fn trust_change_event(
     observer: &str,

@@ -513,8 +513,8 @@ pub trait Store: Send + Sync + 'static {
     /// The trust state last reported per host by the trust scanner.
     async fn trust_states(&self) -> Result<HashMap<String, String>, StoreError>;
     /// Up to `limit` hosts named after `after`, by name, whose trust state
-    /// at `now` (see [`crate::audit::trust_state`]) differs from the one
-    /// last reported. The database compares: a pool whose states did not
+    /// at `now` (the verdict's trust, or `stale` once it expired without
+    /// new evidence) differs from the one last reported. The database compares: a pool whose states did not
     /// change costs one join in the database, not every verdict sent to
     /// the server.
     async fn trust_changes(
@@ -1726,7 +1726,8 @@ macro_rules! sql_store {
                 limit: i64,
             ) -> Result<Vec<$crate::store::TrustChange>, $crate::store::StoreError> {
                 use sqlx::Row;
-                // A verdict without expiry, or past it, is stale (as `audit::trust_state`).
+                // A host's reported state: its verdict's trust until the
+                // verdict expires, then `stale`.
                 let rows = sqlx::query(
                     "SELECT host, reported, state FROM (\
                        SELECT v.host AS host, s.state AS reported, \
