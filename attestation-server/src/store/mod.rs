@@ -1794,22 +1794,15 @@ macro_rules! sql_store {
                         recorded.insert(row.try_get::<String, _>("host")?);
                     }
                 }
-                let events: Vec<&$crate::store::NewEvent> = changes
-                    .iter()
-                    .filter(|(c, _)| recorded.contains(&c.host))
-                    .map(|(_, e)| e)
-                    .collect();
+                let applied: Vec<_> = changes.iter().filter(|(c, _)| recorded.contains(&c.host)).collect();
+                let events: Vec<&$crate::store::NewEvent> = applied.iter().map(|(_, e)| e).collect();
                 if !events.is_empty() {
                     let mut heads = $crate::store::ChainHeads::default();
                     append_events(&mut tx, &mut heads, &events).await?;
                     save_heads(&mut tx, &heads).await?;
                 }
                 tx.commit().await?;
-                Ok(changes
-                    .iter()
-                    .filter(|(c, _)| recorded.contains(&c.host))
-                    .map(|(c, _)| c.host.clone())
-                    .collect())
+                Ok(applied.into_iter().map(|(c, _)| c.host.clone()).collect())
             }
 
             async fn prune_events(&self, before: chrono::DateTime<chrono::Utc>, delivered: i64) -> Result<u64, $crate::store::StoreError> {
