@@ -18,7 +18,7 @@
 //!   FLOOR_HOSTS=2000 FLOOR_SECS=20 FLOOR_CONCURRENCY=64 cargo bench ...
 
 use anyhow::{anyhow, Context, Result};
-use attestation_server::config::ServerTls;
+use attestation_server::config::{ServerTls, TlsSuite};
 use attestation_server::pki::Ca;
 use attestation_server::simulate::http::{Conn, Target};
 use attestation_server::simulate::{self, fleet, quote};
@@ -177,6 +177,7 @@ fn main() -> Result<()> {
         cert: dir.path().join("server.pem"),
         key: dir.path().join("server.key"),
         client_ca: dir.path().join("ca.pem"),
+        cipher_suites: TlsSuite::DEFAULT_ORDER.to_vec(),
     })?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes())?)?;

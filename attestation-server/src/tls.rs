@@ -5,7 +5,7 @@
 //! unit (`OU=agent`, `OU=scheduler`, `OU=admin`, `OU=auditor`) and its identity in the
 //! common name; an agent's common name is its host name.
 
-use crate::config::ServerTls;
+use crate::config::{ServerTls, TlsSuite};
 use crate::error::Error;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
@@ -64,7 +64,7 @@ pub fn server_config(tls: &ServerTls) -> Result<rustls::ServerConfig, Error> {
     for ca in cas {
         roots.add(ca).map_err(|e| err("bad client CA", &e))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider(&tls.cipher_suites));
     // A connection without a certificate is let through the handshake so that
     // it receives a clear HTTP 401; a certificate that is shown must chain to
     // the client CA or the handshake fails.
@@ -79,6 +79,8 @@ pub fn server_config(tls: &ServerTls) -> Result<rustls::ServerConfig, Error> {
         .with_single_cert(certs, key)
         .map_err(|e| err("server certificate and key", &e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The server's preference decides (see `provider`), not the client's.
+    config.ignore_client_order = true;
     // Stateless TLS 1.3 session tickets (keys rotated every 6 hours, kept in
     // memory only): an agent that reconnects resumes without a full
     // handshake, whatever the pool's size; a stateful cache would have to
@@ -92,6 +94,23 @@ pub fn server_config(tls: &ServerTls) -> Result<rustls::ServerConfig, Error> {
     // session with its client certificate (docs/benchmarks.md).
     config.send_tls13_tickets = 1;
     Ok(config)
+}
+
+/// ring's TLS 1.3 suites, only `suites` and in their order (see
+/// [`TlsSuite::DEFAULT_ORDER`] for why AES-128-GCM comes first by default;
+/// rustls's own order puts AES-256-GCM-SHA384 first).
+fn provider(suites: &[TlsSuite]) -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite as ring_suite;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = suites
+        .iter()
+        .map(|s| match s {
+            TlsSuite::Aes128GcmSha256 => ring_suite::TLS13_AES_128_GCM_SHA256,
+            TlsSuite::Aes256GcmSha384 => ring_suite::TLS13_AES_256_GCM_SHA384,
+            TlsSuite::Chacha20Poly1305Sha256 => ring_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        })
+        .collect();
+    p
 }
 
 /// Read role and name from a verified client certificate.
@@ -129,4 +148,113 @@ fn exactly_one<'a>(
         .as_str()
         .map(str::to_string)
         .map_err(|_| format!("subject {what} is not a string"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Ca;
+    use rustls::CipherSuite;
+
+    /// The suite a handshake between a server configured with `server` and
+    /// a client offering `offered` (in that order) settles on; `None` when
+    /// the handshake fails.
+    fn negotiated(server: &[TlsSuite], offered: &[CipherSuite]) -> Option<CipherSuite> {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, ca_pem) = Ca::new("suite test CA").unwrap();
+        ca.issue_server("localhost")
+            .unwrap()
+            .write(dir.path(), "server")
+            .unwrap();
+        let client = ca.issue_client("agent", "node1").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+        let server = server_config(&ServerTls {
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            client_ca: dir.path().join("ca.pem"),
+            cipher_suites: server.to_vec(),
+        })
+        .unwrap();
+
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = offered
+            .iter()
+            .filter_map(|want| {
+                rustls::crypto::ring::ALL_CIPHER_SUITES
+                    .iter()
+                    .find(|s| s.suite() == *want)
+                    .copied()
+            })
+            .collect();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(client.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let mut c = rustls::ClientConnection::new(
+            Arc::new(client),
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        // Shuttle records between the two in memory until both are done.
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets().ok()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets().ok()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return s.negotiated_cipher_suite().map(|s| s.suite());
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_servers_suite_order_decides() {
+        use CipherSuite::*;
+        let defaults = TlsSuite::DEFAULT_ORDER;
+        // rustls's own client order, AES-256 first.
+        let client = [
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        assert_eq!(
+            negotiated(&defaults, &client),
+            Some(TLS13_AES_128_GCM_SHA256)
+        );
+        // A client that will not take AES-128 still connects.
+        assert_eq!(
+            negotiated(&defaults, &[TLS13_AES_256_GCM_SHA384]),
+            Some(TLS13_AES_256_GCM_SHA384)
+        );
+        assert_eq!(
+            negotiated(
+                &defaults,
+                &[TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_256_GCM_SHA384]
+            ),
+            Some(TLS13_AES_256_GCM_SHA384)
+        );
+        // An operator who requires AES-256 gets only AES-256.
+        let strict = [TlsSuite::Aes256GcmSha384];
+        assert_eq!(negotiated(&strict, &client), Some(TLS13_AES_256_GCM_SHA384));
+        assert_eq!(negotiated(&strict, &[TLS13_AES_128_GCM_SHA256]), None);
+    }
 }

@@ -21,6 +21,10 @@ fn server_example_loads() {
         c.ek_ca,
         vec![PathBuf::from("/etc/attestation-server/ek-ca")]
     );
+    assert_eq!(
+        c.tls.cipher_suites,
+        attestation_server::config::TlsSuite::DEFAULT_ORDER
+    );
 }
 
 #[test]
