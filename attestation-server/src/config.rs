@@ -139,9 +139,10 @@ pub enum TlsSuite {
 impl TlsSuite {
     /// AES-128-GCM first: with X25519 (the key exchange clients offer
     /// first) and P-256 certificates (what `attestctl init` issues) a
-    /// session has ~128-bit security whatever the cipher, and SHA-256 (its key schedule and
-    /// transcript hash) runs in the CPU's SHA extensions where SHA-384 does
-    /// not: 8% more attestations per second (docs/benchmarks.md).
+    /// session has ~128-bit security whatever the cipher, and SHA-256 (its
+    /// key schedule and transcript hash) runs in the CPU's SHA extensions
+    /// where SHA-384 does not: 8% more attestations per second
+    /// (docs/benchmarks.md).
     pub const DEFAULT_ORDER: [TlsSuite; 3] = [
         TlsSuite::Aes128GcmSha256,
         TlsSuite::Aes256GcmSha384,

@@ -514,9 +514,9 @@ pub trait Store: Send + Sync + 'static {
     async fn trust_states(&self) -> Result<HashMap<String, String>, StoreError>;
     /// Up to `limit` hosts named after `after`, by name, whose trust state
     /// at `now` (the verdict's trust, or `stale` once it expired without
-    /// new evidence) differs from the one last reported. The database compares: a pool whose states did not
-    /// change costs one join in the database, not every verdict sent to
-    /// the server.
+    /// new evidence) differs from the one last reported. The database
+    /// compares: a pool whose states did not change costs one join in the
+    /// database, not every verdict sent to the server.
     async fn trust_changes(
         &self,
         now: DateTime<Utc>,
