@@ -783,10 +783,19 @@ impl WhitelistCache {
     }
 }
 
-/// Most hosts' policies kept (a host with its own 11-PCR whitelist takes
-/// ~3.5 KB: ~90 MB at most). A full cache drops an eighth of its entries,
-/// arbitrary ones; a larger fleet pays a query for some of its hosts.
-pub(crate) const POLICY_CACHE_MAX: usize = 25_000;
+/// Bytes of policies the [`PolicyCache`] keeps. A host with its own
+/// 11-PCR whitelist takes ~1.1 KB packed: a pool of 100,000 such hosts
+/// fits. A full cache drops an eighth of its entries, arbitrary ones; a
+/// larger pool pays two queries per attestation for some of its hosts.
+pub(crate) const POLICY_CACHE_BYTES: usize = 128 * 1024 * 1024;
+
+/// What a cache entry is counted at besides its packed bytes (its key, the
+/// map's slot, the allocation's header).
+const POLICY_ENTRY_OVERHEAD: usize = 96;
+
+/// What a parsed entry is counted at: its runtime policies are shared with
+/// the [`WhitelistCache`], the rest is a parsed whitelist or two.
+const POLICY_PARSED_BYTES: usize = 4096;
 
 /// Each host's policy as this server last loaded it, under the pool-wide
 /// policy generation read (with the host's record) before loading it.
@@ -798,13 +807,66 @@ pub(crate) const POLICY_CACHE_MAX: usize = 25_000;
 /// the generation can only be as new or newer, never older; an entry of an
 /// older generation is never used, and the first load under a newer one
 /// drops them all, so memory holds one generation's entries at most.
+///
+/// Policies are kept packed (see [`Kept`]): parsed, a host's own 11-PCR
+/// whitelist took ~2.8 KB (nested maps of hex strings), so the cache held
+/// a quarter of a 100,000-host pool, and the misses made each attestation
+/// cost 1.5x the CPU it costs in a small pool (docs/benchmarks.md).
 #[derive(Default)]
 pub(crate) struct PolicyCache(std::sync::Mutex<PolicyEntries>);
 
 #[derive(Default)]
 struct PolicyEntries {
     generation: i64,
-    by_host: HashMap<String, Arc<crate::verify::HostPolicy>>,
+    by_host: HashMap<String, Kept>,
+    /// What the entries are counted at, in bytes.
+    bytes: usize,
+}
+
+/// A cached policy.
+enum Kept {
+    /// Its JSON (group, whitelists), parsed again at each use (a few
+    /// microseconds for a host's own whitelist, against two queries).
+    Packed(Box<[u8]>),
+    /// A policy with a runtime (IMA) policy, kept parsed: its compiled
+    /// form is what makes a 100,000-path policy cheap to use.
+    Parsed(Arc<crate::verify::HostPolicy>),
+}
+
+impl Kept {
+    fn of(policy: &Arc<crate::verify::HostPolicy>) -> Self {
+        let has_runtime = policy
+            .whitelists
+            .iter()
+            .any(|w| w.parts.values().any(|p| p.runtime.is_some()));
+        if has_runtime {
+            return Kept::Parsed(policy.clone());
+        }
+        match serde_json::to_vec(&(&policy.group, &policy.whitelists)) {
+            Ok(json) => Kept::Packed(json.into_boxed_slice()),
+            Err(_) => Kept::Parsed(policy.clone()),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        POLICY_ENTRY_OVERHEAD
+            + match self {
+                Kept::Packed(json) => json.len(),
+                Kept::Parsed(_) => POLICY_PARSED_BYTES,
+            }
+    }
+
+    fn policy(&self) -> Option<Arc<crate::verify::HostPolicy>> {
+        match self {
+            Kept::Parsed(p) => Some(p.clone()),
+            Kept::Packed(json) => {
+                // Our own serialization: a failure would be a bug, and
+                // a miss (the store answers) is the safe way out of it.
+                let (group, whitelists) = serde_json::from_slice(json).ok()?;
+                Some(Arc::new(crate::verify::HostPolicy { group, whitelists }))
+            }
+        }
+    }
 }
 
 impl PolicyCache {
@@ -819,28 +881,55 @@ impl PolicyCache {
         host: &str,
         generation: i64,
     ) -> Option<Arc<crate::verify::HostPolicy>> {
-        let entries = self.entries();
-        if entries.generation != generation {
-            return None;
-        }
-        entries.by_host.get(host).cloned()
+        let packed = {
+            let entries = self.entries();
+            if entries.generation != generation {
+                return None;
+            }
+            match entries.by_host.get(host)? {
+                Kept::Parsed(p) => return Some(p.clone()),
+                Kept::Packed(json) => json.clone(),
+            }
+        };
+        // Parsed outside the lock.
+        Kept::Packed(packed).policy()
     }
     pub(crate) fn put(&self, host: &str, generation: i64, policy: Arc<crate::verify::HostPolicy>) {
+        let kept = Kept::of(&policy);
+        self.put_kept(host, generation, kept, POLICY_CACHE_BYTES);
+    }
+    fn put_kept(&self, host: &str, generation: i64, kept: Kept, budget: usize) {
         let mut entries = self.entries();
         if generation < entries.generation {
             return; // loaded under a generation already superseded
         }
         if generation > entries.generation {
             entries.by_host.clear();
+            entries.bytes = 0;
             entries.generation = generation;
-        } else if entries.by_host.len() >= POLICY_CACHE_MAX {
+        }
+        if let Some(old) = entries.by_host.remove(host) {
+            entries.bytes = entries.bytes.saturating_sub(old.bytes() + host.len());
+        }
+        let cost = kept.bytes() + host.len();
+        if entries.bytes + cost > budget {
             let mut n = 0u32;
             entries.by_host.retain(|_, _| {
                 n += 1;
                 !n.is_multiple_of(8)
             });
+            entries.bytes = entries
+                .by_host
+                .iter()
+                .map(|(h, k)| k.bytes() + h.len())
+                .sum();
+            if entries.bytes + cost > budget {
+                entries.by_host.clear();
+                entries.bytes = 0;
+            }
         }
-        entries.by_host.insert(host.to_string(), policy);
+        entries.bytes += cost;
+        entries.by_host.insert(host.to_string(), kept);
     }
 }
 
@@ -2070,7 +2159,7 @@ pub(crate) use sql_store;
 
 #[cfg(test)]
 mod tests {
-    use super::PolicyCache;
+    use super::{Kept, PolicyCache};
     use crate::verify::HostPolicy;
     use std::sync::Arc;
 
@@ -2081,12 +2170,50 @@ mod tests {
         })
     }
 
+    /// A group and a host's own whitelist of 11 PCRs with a boot policy.
+    fn full_policy() -> Arc<HostPolicy> {
+        let pcrs = proto::wire::PcrWhitelist::from([(
+            proto::tpm::HashAlg::Sha256,
+            (0..11u8).map(|i| (i, vec![hex::encode([i; 32])])).collect(),
+        )]);
+        let mut part = proto::policy::Part::of_pcrs(pcrs);
+        part.boot = Some(Box::new(
+            serde_json::from_str(
+                r#"{"version": 1, "bank": "sha256", "secure_boot": true, "kernel_cmdline": ["^/vmlinuz "]}"#,
+            )
+            .unwrap(),
+        ));
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-07T10:11:12.123456Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        Arc::new(HostPolicy {
+            group: Some(proto::policy::Group {
+                name: "rack-1".into(),
+                version: 3,
+                description: Some("racks".into()),
+                whitelists: vec!["bios".into()],
+                match_policy: Default::default(),
+                updated_at: at,
+                hosts: Vec::new(),
+            }),
+            whitelists: vec![proto::policy::WhitelistVersion {
+                name: "host:h1".into(),
+                version: 2,
+                description: None,
+                parts: [(proto::policy::PART_HOST_UNIQUE.to_string(), part)].into(),
+                deleted: false,
+                created_at: at,
+                created_by: "admin".into(),
+            }],
+        })
+    }
+
     #[test]
     fn policy_cache_serves_only_the_current_generation() {
         let cache = PolicyCache::default();
-        let p1 = policy();
+        let p1 = full_policy();
         cache.put("h1", 3, p1.clone());
-        assert!(Arc::ptr_eq(&cache.get("h1", 3).unwrap(), &p1));
+        assert_eq!(cache.get("h1", 3).unwrap(), p1, "packed and parsed again");
         assert!(cache.get("h1", 4).is_none(), "newer generation: a miss");
         assert!(cache.get("h1", 2).is_none(), "older generation: a miss");
         // A load under a newer generation drops the older entries ...
@@ -2098,17 +2225,53 @@ mod tests {
         cache.put("h1", 3, policy());
         assert!(cache.get("h1", 3).is_none());
         assert!(cache.get("h2", 4).is_some());
-        // Memory is bounded: a full cache makes room by dropping an eighth.
-        for i in 0..super::POLICY_CACHE_MAX + 1 {
-            cache.put(&format!("n{i}"), 4, policy());
+    }
+
+    #[test]
+    fn policy_cache_packs_small_policies_and_keeps_runtime_ones_parsed() {
+        let p = full_policy();
+        let Kept::Packed(json) = Kept::of(&p) else {
+            panic!("a policy without a runtime policy is packed");
+        };
+        // Packed, the 11-PCR whitelist takes far less than parsed (~2.8 KB).
+        assert!(json.len() < 1500, "{}", json.len());
+        let mut with_ima = (*p).clone();
+        let runtime = proto::runtime_policy::RuntimePolicy::from_allowlist(
+            "0000000000000000000000000000000000000000000000000000000000000000  /usr/bin/true\n",
+        )
+        .unwrap();
+        with_ima.whitelists[0]
+            .parts
+            .values_mut()
+            .for_each(|part| part.runtime = Some(runtime.clone()));
+        let with_ima = Arc::new(with_ima);
+        let cache = PolicyCache::default();
+        cache.put("h1", 1, with_ima.clone());
+        let got = cache.get("h1", 1).unwrap();
+        assert!(Arc::ptr_eq(&got, &with_ima), "kept parsed, shared");
+    }
+
+    #[test]
+    fn policy_cache_stays_within_its_budget() {
+        let cache = PolicyCache::default();
+        let kept = Kept::of(&full_policy());
+        let one = kept.bytes() + "n000".len();
+        let budget = one * 40;
+        for i in 0..100 {
+            cache.put_kept(&format!("n{i:03}"), 4, Kept::of(&full_policy()), budget);
+            let bytes = cache.entries().bytes;
+            assert!(bytes <= budget, "{bytes} > {budget} after {i}");
         }
-        let kept = (0..=super::POLICY_CACHE_MAX)
-            .filter(|i| cache.get(&format!("n{i}"), 4).is_some())
+        let kept = (0..100)
+            .filter(|i| cache.get(&format!("n{i:03}"), 4).is_some())
             .count();
-        assert!(kept <= super::POLICY_CACHE_MAX, "{kept}");
-        assert!(kept > super::POLICY_CACHE_MAX * 3 / 4, "{kept}");
-        assert!(cache
-            .get(&format!("n{}", super::POLICY_CACHE_MAX), 4)
-            .is_some());
+        // A full cache drops an eighth, so it holds between 7/8 of the
+        // budget's entries and all of them.
+        assert!((35..=40).contains(&kept), "{kept}");
+        assert!(cache.get("n099", 4).is_some(), "the newest entry is kept");
+        // Replacing an entry does not count it twice.
+        let before = cache.entries().bytes;
+        cache.put_kept("n099", 4, Kept::of(&full_policy()), budget);
+        assert_eq!(cache.entries().bytes, before);
     }
 }
