@@ -793,9 +793,14 @@ pub(crate) const POLICY_CACHE_BYTES: usize = 128 * 1024 * 1024;
 /// map's slot, the allocation's header).
 const POLICY_ENTRY_OVERHEAD: usize = 96;
 
-/// What a parsed entry is counted at: its runtime policies are shared with
-/// the [`WhitelistCache`], the rest is a parsed whitelist or two.
+/// What a parsed entry with a runtime policy is counted at: its runtime
+/// policies are shared with the [`WhitelistCache`], the rest is a parsed
+/// whitelist or two.
 const POLICY_PARSED_BYTES: usize = 4096;
+
+/// Longest JSON kept packed: a longer policy (a boot policy with a long
+/// dbx list) would cost more to parse at each use than it saves.
+const POLICY_PACKED_MAX: usize = 16 * 1024;
 
 /// Each host's policy as this server last loaded it, under the pool-wide
 /// policy generation read (with the host's record) before loading it.
@@ -828,9 +833,10 @@ enum Kept {
     /// Its JSON (group, whitelists), parsed again at each use (a few
     /// microseconds for a host's own whitelist, against two queries).
     Packed(Box<[u8]>),
-    /// A policy with a runtime (IMA) policy, kept parsed: its compiled
-    /// form is what makes a 100,000-path policy cheap to use.
-    Parsed(Arc<crate::verify::HostPolicy>),
+    /// A policy with a runtime (IMA) policy (its compiled form is what
+    /// makes a 100,000-path policy cheap to use), or a long one, kept
+    /// parsed; with the bytes it is counted at.
+    Parsed(Arc<crate::verify::HostPolicy>, usize),
 }
 
 impl Kept {
@@ -840,11 +846,13 @@ impl Kept {
             .iter()
             .any(|w| w.parts.values().any(|p| p.runtime.is_some()));
         if has_runtime {
-            return Kept::Parsed(policy.clone());
+            return Kept::Parsed(policy.clone(), POLICY_PARSED_BYTES);
         }
         match serde_json::to_vec(&(&policy.group, &policy.whitelists)) {
-            Ok(json) => Kept::Packed(json.into_boxed_slice()),
-            Err(_) => Kept::Parsed(policy.clone()),
+            Ok(json) if json.len() <= POLICY_PACKED_MAX => Kept::Packed(json.into_boxed_slice()),
+            // Parsed, the 11-PCR whitelist took 2.5x its JSON.
+            Ok(json) => Kept::Parsed(policy.clone(), json.len().saturating_mul(3)),
+            Err(_) => Kept::Parsed(policy.clone(), POLICY_PARSED_BYTES),
         }
     }
 
@@ -852,13 +860,13 @@ impl Kept {
         POLICY_ENTRY_OVERHEAD
             + match self {
                 Kept::Packed(json) => json.len(),
-                Kept::Parsed(_) => POLICY_PARSED_BYTES,
+                Kept::Parsed(_, bytes) => *bytes,
             }
     }
 
     fn policy(&self) -> Option<Arc<crate::verify::HostPolicy>> {
         match self {
-            Kept::Parsed(p) => Some(p.clone()),
+            Kept::Parsed(p, _) => Some(p.clone()),
             Kept::Packed(json) => {
                 // Our own serialization: a failure would be a bug, and
                 // a miss (the store answers) is the safe way out of it.
@@ -887,7 +895,7 @@ impl PolicyCache {
                 return None;
             }
             match entries.by_host.get(host)? {
-                Kept::Parsed(p) => return Some(p.clone()),
+                Kept::Parsed(p, _) => return Some(p.clone()),
                 Kept::Packed(json) => json.clone(),
             }
         };
@@ -2249,6 +2257,26 @@ mod tests {
         cache.put("h1", 1, with_ima.clone());
         let got = cache.get("h1", 1).unwrap();
         assert!(Arc::ptr_eq(&got, &with_ima), "kept parsed, shared");
+        // A long policy (here a long kernel command line list) is kept
+        // parsed too, counted at more than its JSON.
+        let mut long = (*p).clone();
+        let boot: proto::bootpolicy::BootPolicy = serde_json::from_value(serde_json::json!({
+            "version": 1, "bank": "sha256",
+            "kernel_cmdline": vec!["^/vmlinuz quiet splash$"; 1000],
+        }))
+        .unwrap();
+        long.whitelists[0]
+            .parts
+            .values_mut()
+            .for_each(|part| part.boot = Some(Box::new(boot.clone())));
+        let long = Arc::new(long);
+        let kept = Kept::of(&long);
+        assert!(
+            matches!(kept, Kept::Parsed(_, n) if n > super::POLICY_PACKED_MAX),
+            "long: parsed"
+        );
+        cache.put("h2", 1, long.clone());
+        assert!(Arc::ptr_eq(&cache.get("h2", 1).unwrap(), &long));
     }
 
     #[test]
