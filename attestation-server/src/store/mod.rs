@@ -856,25 +856,23 @@ impl Kept {
         }
     }
 
-    fn bytes(&self) -> usize {
+    /// What the entry of `host` is counted at.
+    fn cost(&self, host: &str) -> usize {
         POLICY_ENTRY_OVERHEAD
+            + host.len()
             + match self {
                 Kept::Packed(json) => json.len(),
                 Kept::Parsed(_, bytes) => *bytes,
             }
     }
+}
 
-    fn policy(&self) -> Option<Arc<crate::verify::HostPolicy>> {
-        match self {
-            Kept::Parsed(p, _) => Some(p.clone()),
-            Kept::Packed(json) => {
-                // Our own serialization: a failure would be a bug, and
-                // a miss (the store answers) is the safe way out of it.
-                let (group, whitelists) = serde_json::from_slice(json).ok()?;
-                Some(Arc::new(crate::verify::HostPolicy { group, whitelists }))
-            }
-        }
-    }
+/// A [`Kept::Packed`] policy parsed again. Our own serialization: a
+/// failure would be a bug, and a miss (the store answers) is the safe way
+/// out of it.
+fn unpack(json: &[u8]) -> Option<Arc<crate::verify::HostPolicy>> {
+    let (group, whitelists) = serde_json::from_slice(json).ok()?;
+    Some(Arc::new(crate::verify::HostPolicy { group, whitelists }))
 }
 
 impl PolicyCache {
@@ -900,7 +898,7 @@ impl PolicyCache {
             }
         };
         // Parsed outside the lock.
-        Kept::Packed(packed).policy()
+        unpack(&packed)
     }
     pub(crate) fn put(&self, host: &str, generation: i64, policy: Arc<crate::verify::HostPolicy>) {
         let kept = Kept::of(&policy);
@@ -917,20 +915,16 @@ impl PolicyCache {
             entries.generation = generation;
         }
         if let Some(old) = entries.by_host.remove(host) {
-            entries.bytes = entries.bytes.saturating_sub(old.bytes() + host.len());
+            entries.bytes = entries.bytes.saturating_sub(old.cost(host));
         }
-        let cost = kept.bytes() + host.len();
+        let cost = kept.cost(host);
         if entries.bytes + cost > budget {
             let mut n = 0u32;
             entries.by_host.retain(|_, _| {
                 n += 1;
                 !n.is_multiple_of(8)
             });
-            entries.bytes = entries
-                .by_host
-                .iter()
-                .map(|(h, k)| k.bytes() + h.len())
-                .sum();
+            entries.bytes = entries.by_host.iter().map(|(h, k)| k.cost(h)).sum();
             if entries.bytes + cost > budget {
                 entries.by_host.clear();
                 entries.bytes = 0;
@@ -2283,7 +2277,7 @@ mod tests {
     fn policy_cache_stays_within_its_budget() {
         let cache = PolicyCache::default();
         let kept = Kept::of(&full_policy());
-        let one = kept.bytes() + "n000".len();
+        let one = kept.cost("n000");
         let budget = one * 40;
         for i in 0..100 {
             cache.put_kept(&format!("n{i:03}"), 4, Kept::of(&full_policy()), budget);
