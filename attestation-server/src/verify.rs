@@ -192,7 +192,8 @@ pub enum ImaLogFailure {
     Parse(ImaError),
     #[error("IMA entries were sent but the quote does not cover PCR {IMA_PCR}")]
     PcrNotQuoted,
-    #[error("IMA list altered: PCR {IMA_PCR} ({bank}) is quoted as {quoted}; entries {first}-{last} replayed from the stored state ({replayed_from}) never reach it (the whole list gives {replayed})")]
+    #[error("IMA list altered: PCR {IMA_PCR} ({bank}) is quoted as {quoted}; entries {first}-{last} replayed from the stored state ({replayed_from}) never reach it (the whole list gives {replayed}){}",
+        altered.as_ref().map(|a| format!("; {a}")).unwrap_or_default())]
     Replay {
         bank: HashAlg,
         quoted: String,
@@ -201,6 +202,9 @@ pub enum ImaLogFailure {
         /// 1-based positions in the whole list of the entries sent.
         first: u64,
         last: u64,
+        /// The first entry sent whose data does not hash to its logged
+        /// template hash, if one does not.
+        altered: Option<Box<ima::AlteredEntry>>,
     },
 }
 
@@ -849,6 +853,7 @@ pub fn check_ima_log(
                     replayed: hex::encode(&m.replayed),
                     first: sent.from.saturating_add(1),
                     last: sent.from.saturating_add(m.entries as u64),
+                    altered: m.altered,
                 },
             })?;
     Ok(Some(CheckedIma {
@@ -1678,6 +1683,19 @@ mod tests {
         assert_eq!(e.code(), "ima_replay_mismatch");
         assert_eq!(e.reason().pcr.map(|p| p.index), Some(IMA_PCR));
         assert!(e.to_string().contains("entries 1-2"), "{e}");
+        assert!(!e.to_string().contains("logged template hash"), "{e}");
+        // An entry edited in place (its logged template hash left) is named.
+        let mut ev = ima_evidence(&all[..2], &all[..2], 0);
+        if let Some(sent) = ev.ima.as_mut() {
+            sent.entries = sent.entries.replace(" /b\n", " /y\n");
+        }
+        let e = Failure::from(check_ima_log(&ev, None, 7).unwrap_err());
+        assert_eq!(e.code(), "ima_replay_mismatch");
+        assert!(
+            e.to_string()
+                .contains("; entry 2 (line 2, /y) is not what its logged template hash says"),
+            "{e}"
+        );
         // No PCR 10 in the quote.
         let mut ev = ima_evidence(&all, &all, 0);
         ev.pcrs = BTreeMap::new();

@@ -1420,6 +1420,24 @@ pub struct ReplayMismatch {
     pub replayed: Vec<u8>,
     /// Entries in the list.
     pub entries: usize,
+    /// The first entry whose data does not hash to its logged template
+    /// hash: where the list was most likely altered (none when whoever
+    /// altered it also rewrote the logged hash, or dropped or reordered
+    /// entries).
+    pub altered: Option<Box<AlteredEntry>>,
+}
+
+/// An entry whose template data does not hash to its logged template hash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("entry {index} (line {line}, {path}) is not what its logged template hash says: its data hashes to {alg}:{}, the log says {alg}:{}", hex::encode(.computed), hex::encode(.logged))]
+pub struct AlteredEntry {
+    /// 1-based position in the whole list.
+    pub index: u64,
+    pub line: usize,
+    pub path: String,
+    pub alg: HashAlg,
+    pub logged: Vec<u8>,
+    pub computed: Vec<u8>,
 }
 
 impl Replayed {
@@ -1792,7 +1810,8 @@ impl Hashed {
 /// template hashes, reused), handing each round's (per entry, one per bank
 /// of `banks`) to `sink` until it returns false. Returns the positions of
 /// the entries hashed whose data does not hash to their logged template
-/// hash.
+/// hash, among those whose logged hash is of a bank
+/// ([`LoggedCheck::InBanks`]).
 fn hash_block(
     block: &EntryBlock,
     banks: &[HashAlg],
@@ -1805,9 +1824,15 @@ fn hash_block(
         let end = (first + STREAM_CHUNK).min(block.slots.len());
         hashes.clear();
         let round = (first..end).filter_map(|i| block.get(i));
-        hash_entries(round, banks, &mut hashes, |i, _, _, _| {
-            mismatched.push(first + i);
-        });
+        hash_entries(
+            round,
+            banks,
+            LoggedCheck::InBanks,
+            &mut hashes,
+            |i, _, _, _| {
+                mismatched.push(first + i);
+            },
+        );
         first = end;
         if !sink(&hashes) {
             break;
@@ -1895,6 +1920,7 @@ impl<'q> Chain<'q> {
         let Some(covered) = covered else {
             let (bank, q) = quoted.first().copied().unwrap_or((HashAlg::Sha256, &[]));
             return Err(ReplayMismatch {
+                altered: first_altered(&entries, start.entries_verified),
                 bank,
                 quoted: q.to_vec(),
                 replayed_from: start.pcr10(bank).unwrap_or_default().to_vec(),
@@ -1921,6 +1947,31 @@ impl<'q> Chain<'q> {
             mismatched,
         })
     }
+}
+
+/// The first of `entries` (numbered from `base + 1`) whose template data
+/// does not hash to its logged template hash. Runs only for a list that
+/// misses the quote, so it costs a valid list nothing.
+fn first_altered(entries: &EntryList, base: u64) -> Option<Box<AlteredEntry>> {
+    (0u64..)
+        .zip(entries.range(0, entries.len))
+        .find_map(|(i, e)| {
+            if e.is_violation() {
+                return None;
+            }
+            let alg = alg_by_len(e.template_hash().len())?;
+            let computed = e.compute_template_hash(alg);
+            (computed.as_slice() != e.template_hash()).then(|| {
+                Box::new(AlteredEntry {
+                    index: base.saturating_add(i + 1),
+                    line: e.line,
+                    path: e.name().into_owned(),
+                    alg,
+                    logged: e.template_hash().to_vec(),
+                    computed: computed.as_slice().to_vec(),
+                })
+            })
+        })
 }
 
 /// `f(i)` for each `i` in `0..n`, on up to `threads` scoped threads (the
@@ -2466,17 +2517,23 @@ fn judge(
     let views = entries.iter().map(ImaEntry::view);
     let policy = judge_policy(views.clone(), compiled, index_base);
     let mut templates = Failures::default();
-    hash_entries(views, banks, hashes, |i, e, alg, computed| {
-        templates.absorb(
-            vec![template_failure(
-                e,
-                index_base + i as u64 + 1,
-                alg,
-                computed,
-            )],
-            1,
-        );
-    });
+    hash_entries(
+        views,
+        banks,
+        LoggedCheck::All,
+        hashes,
+        |i, e, alg, computed| {
+            templates.absorb(
+                vec![template_failure(
+                    e,
+                    index_base + i as u64 + 1,
+                    alg,
+                    computed,
+                )],
+                1,
+            );
+        },
+    );
     merge_failures(failures, templates, policy);
 }
 
@@ -2521,12 +2578,31 @@ fn judge_policy<'a>(
     out
 }
 
+/// Which logged template hashes [`hash_entries`] recomputes and checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LoggedCheck {
+    /// Every one: nothing else vouches for the list (`verify`,
+    /// `verify_ascii`, whose callers may hold no quote).
+    All,
+    /// Those of an algorithm among the banks replayed, which are computed
+    /// anyway (the server's log step). A replay that reaches the quote
+    /// authenticates every entry's data through the quoted bank, so a
+    /// logged hash of an unquoted bank (the kernel's SHA-1 column, with
+    /// only SHA-256 quoted) adds nothing to it; a replay that misses the
+    /// quote checks them all to name the altered entry ([`first_altered`]).
+    /// Keylime recomputes the SHA-1 column on every entry: ~12% of our
+    /// time per entry (docs/benchmarks.md).
+    InBanks,
+}
+
 /// Per entry of `entries`, in order: recompute its logged template hash
-/// (calling `mismatch(position, entry, alg, computed)` when the data does
-/// not hash to it) and push its template hash for each of `banks`.
+/// as `check` says (calling `mismatch(position, entry, alg, computed)`
+/// when the data does not hash to it) and push its template hash for each
+/// of `banks`.
 fn hash_entries<'a>(
     entries: impl IntoIterator<Item = EntryRef<'a>>,
     banks: &[HashAlg],
+    check: LoggedCheck,
     hashes: &mut Vec<DigestBytes>,
     mut mismatch: impl FnMut(usize, &EntryRef<'a>, HashAlg, &DigestBytes),
 ) {
@@ -2546,7 +2622,7 @@ fn hash_entries<'a>(
                 .unwrap_or_else(|| e.compute_template_hash(alg))
         };
         let mut logged_ok = None;
-        if !violation {
+        if !violation && (check == LoggedCheck::All || banks.contains(&logged_alg)) {
             let computed = hash_with(logged_alg);
             if computed.as_slice() != e.template_hash() {
                 mismatch(i, &e, logged_alg, &computed);
@@ -3330,6 +3406,89 @@ mod tests {
             out.push('\n');
         }
         out.into_bytes()
+    }
+
+    #[test]
+    fn a_one_bank_replay_checks_other_columns_only_to_name_an_altered_entry() {
+        let good = parse_ascii(RK_LIST).unwrap();
+        let policy = policy_of(&good);
+        let sha256 = ImaState::new(None, None, &[HashAlg::Sha256]);
+        let pcr256 = replay(&good, HashAlg::Sha256);
+        let pcr1 = replay(&good, HashAlg::Sha1);
+        let q256 = [(HashAlg::Sha256, pcr256.as_slice())];
+        let both = [
+            (HashAlg::Sha1, pcr1.as_slice()),
+            (HashAlg::Sha256, pcr256.as_slice()),
+        ];
+        let runs = |input: &[u8], first_line: usize, start: &ImaState, q: &[(HashAlg, &[u8])]| {
+            let one = replay_ascii_to_quote(input, first_line, start, q, 1);
+            for (threads, piece) in [(2, 1), (2, 150), (3, 7000)] {
+                let par = replay_ascii_pieces(input, first_line, start, q, threads, piece);
+                assert_eq!(par, one, "{threads} threads, pieces of {piece} bytes");
+            }
+            one
+        };
+        // Only the SHA-1 column of line 413 is wrong: SHA-256 alone is
+        // quoted and vouches for the data, so nothing fails; with SHA-1
+        // quoted too, the column is computed anyway and the entry fails.
+        let column = edit_line(413, |l| {
+            let (pcr, rest) = l.split_once(' ').unwrap();
+            let flip = if rest.starts_with('0') { "1" } else { "0" };
+            format!("{pcr} {flip}{}", &rest[1..])
+        });
+        let r = runs(&column, 1, &sha256, &q256).unwrap();
+        assert_eq!(r.len(), good.len());
+        let out = judge_replayed(&r, &policy, 1).unwrap();
+        assert!(out.ok(), "{:?}", out.failures.first());
+        let r = runs(&column, 1, &sha256, &both).unwrap();
+        let out = judge_replayed(&r, &policy, 1).unwrap();
+        assert_eq!(out.failures_total, 1);
+        let f = &out.failures[0];
+        assert_eq!(
+            (f.code, f.line, f.index),
+            (FailureCode::TemplateHashMismatch, 413, 413)
+        );
+
+        // Line 500's path changed, its logged hash left: the replay misses
+        // the quote and names the entry, in one bank or two.
+        let path = good[499].name().into_owned();
+        let data = edit_line(500, |l| format!("{l}.evil"));
+        for q in [&q256[..], &both[..]] {
+            let Err(ReplayFailure::Mismatch(m)) = runs(&data, 1, &sha256, q) else {
+                panic!("an altered list reached the quote");
+            };
+            let a = m.altered.expect("the altered entry is named");
+            assert_eq!((a.index, a.line), (500, 500));
+            assert_eq!(a.path, format!("{path}.evil"));
+            assert_eq!(a.alg, HashAlg::Sha1);
+            assert_eq!(a.logged, good[499].template_hash.as_slice());
+            assert_ne!(a.computed, a.logged);
+            assert!(a.to_string().contains("entry 500 (line 500,"), "{a}");
+        }
+        // In a continuation, numbered in the whole list.
+        let mut state = sha256.clone();
+        state.banks[0].pcr10 = replay(&good[..400], HashAlg::Sha256);
+        state.entries_verified = 400;
+        let tail: Vec<u8> = data
+            .split_inclusive(|b| *b == b'\n')
+            .skip(400)
+            .flatten()
+            .copied()
+            .collect();
+        let Err(ReplayFailure::Mismatch(m)) = runs(&tail, 401, &state, &q256) else {
+            panic!("an altered continuation reached the quote");
+        };
+        let a = m.altered.unwrap();
+        assert_eq!((a.index, a.line), (500, 500));
+        // Entries swapped, each consistent with its logged hash: the
+        // replay misses, and no entry can be named.
+        let mut swapped = good.clone();
+        swapped.swap(10, 11);
+        let text = encode_ascii(&swapped);
+        let Err(ReplayFailure::Mismatch(m)) = runs(text.as_bytes(), 1, &sha256, &q256) else {
+            panic!("a reordered list reached the quote");
+        };
+        assert_eq!(m.altered, None);
     }
 
     fn two_banks() -> ImaState {

@@ -360,9 +360,12 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
     // An entry not yet in the quote (read after quoting) waits for the next
     // round; but a list that no prefix of replays to PCR 10 is altered:
     // the kernel measured one file, the list claims another.
+    // Its line is edited in place: the logged template hash is the real
+    // file's, so the reason names the entry.
     extend_pcr10(&tpm, &entry("/usr/bin/real"))?;
-    all.push(entry("/usr/bin/fake"));
-    std::fs::write(&ima_path, ima::encode_ascii(&all))?;
+    all.push(entry("/usr/bin/real"));
+    let forged = ima::encode_ascii(&all).replace(" /usr/bin/real\n", " /usr/bin/fake\n");
+    std::fs::write(&ima_path, forged)?;
     let forged_at = chrono::Utc::now();
     let refused = verdict_after(&pool, forged_at, "the altered list refused", |t| {
         t.reasons.first().is_some_and(|r| r.step == "ima_log")
@@ -372,6 +375,12 @@ async fn ima_entries_are_verified_incrementally() -> anyhow::Result<()> {
     assert_eq!(reason.code, "ima_replay_mismatch", "{refused:?}");
     assert_eq!(reason.pcr.as_ref().map(|p| p.index), Some(10));
     assert!(reason.message.contains("entries 5-5"), "{reason:?}");
+    assert!(
+        reason
+            .message
+            .contains("; entry 5 (line 5, /usr/bin/fake) is not what"),
+        "{reason:?}"
+    );
 
     agent.stop().await?;
     pool.stop().await;
